@@ -49,13 +49,14 @@ def timeit(fn, repeats: int = 5, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul FLOP/s of this machine through XLA (the MFU denominator)."""
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Measured matmul FLOP/s of this machine through XLA (the MFU denominator), inputs in
+    ``dtype``, accumulated in float32 (as the model's matmuls are)."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     sec = timeit(lambda: f(a).block_until_ready(), repeats=repeats)
     return 2 * n**3 / sec
 

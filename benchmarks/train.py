@@ -1,14 +1,19 @@
 """Training throughput: our jit'ed SFT train step vs a transformers (torch) AdamW step.
 
-    python benchmarks/train.py [--steps 6] [--batch 8] [--seq 256] [--preset bench-50m]
+    python benchmarks/train.py [--steps 5] [--batch 8] [--seq 256] [--preset bench-50m]
+                               [--remat dots] [--dtype float32]
 
 One run measures, on this machine and in this order:
-  1. matmul peak: the best FLOP/s of a large float32 matmul in JAX and in torch (the higher one
-     is the machine's measured peak);
+  1. matmul peak: the best FLOP/s of a large matmul (in ``--dtype``) in JAX and in torch (the
+     higher one is the machine's measured peak);
   2. ours: ``training.step.make_train_step`` (full fine-tune, AdamW, global-norm clipping, loss
-     on every target token), float32, one device, batch x seq tokens per step;
+     on every target token), one device, batch x seq tokens per step, with the model's
+     ``remat`` policy set to ``--remat`` (default ``dots``: save the projection outputs and
+     recompute the rest; on XLA:CPU that is faster than saving everything, because stacking the
+     saved activations of the layer scan costs more than recomputing the cheap ones);
   3. peer: ``transformers.LlamaForCausalLM`` with the same config and weights, ``torch.optim.AdamW``,
-     ``clip_grad_norm_``, the same batch.
+     ``clip_grad_norm_``, the same batch. With ``--dtype bfloat16`` both sides keep float32
+     parameters and compute in bfloat16 (ours: ``ModelConfig.dtype``; torch: ``torch.autocast``).
 It prints tokens/s for both, the ratio (target >= 1.0x) and our MFU against the measured peak
 (target >= 50%), using ``ModelConfig.flops_per_token(seq, training=True)``.
 """
@@ -25,14 +30,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from common import matmul_peak_flops, timeit  # noqa: E402  (benchmarks/common.py)
 
 
-def matmul_peak(n: int = 2048) -> tuple[float, float]:
-    """Measured float32 matmul FLOP/s through XLA and through torch."""
+def matmul_peak(dtype: str, n: int = 2048) -> tuple[float, float]:
+    """Measured matmul FLOP/s (inputs in ``dtype``) through XLA and through torch."""
     import torch
 
-    ta = torch.randn(n, n)
+    ta = torch.randn(n, n).to(getattr(torch, dtype))
     with torch.no_grad():
         t_torch = timeit(lambda: ta @ ta)
-    return matmul_peak_flops(n), 2.0 * n ** 3 / t_torch
+    return matmul_peak_flops(n, dtype=dtype), 2.0 * n ** 3 / t_torch
 
 
 def bench_ours(config, params_np, tokens: np.ndarray, steps: int) -> tuple[float, float]:
@@ -74,6 +79,8 @@ def bench_ours(config, params_np, tokens: np.ndarray, steps: int) -> tuple[float
 
 
 def bench_torch(config, params_np, tokens: np.ndarray, steps: int) -> tuple[float, float]:
+    import contextlib
+
     import torch
     import transformers
 
@@ -91,9 +98,13 @@ def bench_torch(config, params_np, tokens: np.ndarray, steps: int) -> tuple[floa
     labels = torch.from_numpy(tokens[:, 1:].astype(np.int64))
     losses = []
 
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.dtype == "bfloat16"
+                else contextlib.nullcontext())
+
     def one():
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids).logits
+        with autocast:
+            logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  labels.reshape(-1))
         loss.backward()
@@ -111,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args(argv)
 
     import jax
@@ -120,21 +133,22 @@ def main(argv=None):
     from dromedary_jax.model.llama import param_shapes
 
     torch.set_num_threads(os.cpu_count() or 1)
-    config = preset(args.preset, dtype="float32")
+    config = preset(args.preset, dtype=args.dtype, remat=args.remat)
     rng = np.random.RandomState(0)
     params_np = {k: (np.ones(s, np.float32) if k.endswith("norm")
                      else (0.02 * rng.randn(*s)).astype(np.float32))
                  for k, s in param_shapes(config).items()}
     tokens = rng.randint(3, config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
 
-    peak_jax, peak_torch = matmul_peak()
+    peak_jax, peak_torch = matmul_peak(args.dtype)
     peak = max(peak_jax, peak_torch)
     ours, loss_ours = bench_ours(config, params_np, tokens, args.steps)
     theirs, loss_theirs = bench_torch(config, params_np, tokens, args.steps)
     flops = config.flops_per_token(args.seq, training=True)
     print(f"device: {jax.devices()[0].device_kind} x1, {os.cpu_count()} cpu threads; "
           f"model {args.preset} ({config.num_params / 1e6:.1f}M params), "
-          f"batch {args.batch} x {args.seq}, float32")
+          f"batch {args.batch} x {args.seq}, {args.dtype} compute (float32 params), "
+          f"remat {args.remat}")
     print(f"matmul peak: jax {peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s "
           f"-> peak {peak / 1e9:.1f} GFLOP/s")
     print(f"same model, same batch: first-step loss ours {loss_ours:.5f}, peer {loss_theirs:.5f}")

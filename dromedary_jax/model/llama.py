@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dromedary_jax import sharding as shd
+from dromedary_jax.model.attention import NEG_INF, attend, attention_mask  # noqa: F401 (re-exported)
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -31,7 +32,6 @@ Params = dict[str, jax.Array]
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 # How many leading (input) dims each projection weight has, after the layers axis.
 PROJ_IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
-NEG_INF = -1e30
 
 
 def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -108,42 +108,36 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (xf * jax.lax.rsqrt(var + eps) * w.astype(jnp.float32)).astype(x.dtype)
 
 
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [M, K] @ w [K, N] in x's dtype, accumulated in float32, returned in ``out_dtype``
+    (default x's dtype).
+
+    With bfloat16 compute this is the fast path on every backend: TPU/GPU accumulate in fp32
+    anyway, and XLA:CPU only dispatches bf16 x bf16 -> f32 dots to its AMX/AVX512-BF16 kernels
+    (a bf16-output dot runs ~5x slower there)."""
+    y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
 def dense(x: jax.Array, w: jax.Array, n_in: int, lora: Mapping[str, jax.Array] | None = None,
-          lora_scale: float = 1.0, lora_x: jax.Array | None = None) -> jax.Array:
-    """x [B, T, *in] @ w [*in, *out] (+ LoRA: lora_scale * (x @ a) @ b).
+          lora_scale: float = 1.0, lora_x: jax.Array | None = None,
+          out_dtype=None) -> jax.Array:
+    """x [B, T, *in] @ w [*in, *out] (+ LoRA: lora_scale * (x @ a) @ b), in ``out_dtype``
+    (default x's dtype).
 
     Computed as plain 2-D matmuls ([B*T, in] @ [in, out]): XLA's CPU backend (and its backward
     pass in particular) is much faster on these than on the equivalent multi-axis einsums."""
     B, T = x.shape[:2]
     out_shape = w.shape[n_in:]
     k_in, k_out = int(np.prod(w.shape[:n_in])), int(np.prod(out_shape))
-    y = x.reshape(B * T, k_in) @ w.astype(x.dtype).reshape(k_in, k_out)
+    out_dtype = out_dtype or x.dtype
+    y = matmul(x.reshape(B * T, k_in), w.reshape(k_in, k_out), jnp.float32)
     if lora is not None:
         xl = (x if lora_x is None else lora_x).reshape(B * T, k_in)
-        a = lora["a"].astype(x.dtype).reshape(k_in, -1)
-        b = lora["b"].astype(x.dtype).reshape(a.shape[1], k_out)
-        y = y + lora_scale * ((xl @ a) @ b)
-    return y.reshape(B, T, *out_shape)
-
-
-def attention_mask(q_pos, q_seg, kv_pos, kv_seg) -> jax.Array:
-    """bool [B, T, S]: same non-zero segment and key position <= query position."""
-    same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-    causal = kv_pos[:, None, :] <= q_pos[:, :, None]
-    return same & causal
-
-
-def attend(q, k, v, mask) -> jax.Array:
-    """Grouped-query attention. q [B,T,H,hd], k/v [B,S,KV,hd], mask [B,T,S] -> [B,T,H,hd]."""
-    B, T, H, hd = q.shape
-    KV = k.shape[2]
-    qg = q.reshape(B, T, KV, H // KV, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
-    scores = scores * (1.0 / np.sqrt(hd))
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, hd)
+        a = lora["a"].reshape(k_in, -1)
+        b = lora["b"].reshape(a.shape[1], k_out)
+        y = y + lora_scale * matmul(matmul(xl, a), b, jnp.float32)
+    return y.astype(out_dtype).reshape(B, T, *out_shape)
 
 
 def _remat(fn, policy: str):
@@ -275,7 +269,7 @@ def forward(
 def unembed(params, config: ModelConfig, x: jax.Array, mesh=None) -> jax.Array:
     """Final-normed hidden states [B, T, D] -> float32 logits [B, T, V]."""
     w = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    logits = dense(x, w, 1).astype(jnp.float32)
+    logits = dense(x, w, 1, out_dtype=jnp.float32)
     return shd.constrain(logits, ("batch", "length", "act_vocab"), mesh)
 
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
-from dromedary_jax.model.llama import (LAYER_KEYS, NEG_INF, attention_mask, dense, forward, rms_norm,
-                                       unembed)
+from dromedary_jax.model.llama import (LAYER_KEYS, NEG_INF, attention_mask, dense, forward, matmul,
+                                       rms_norm, unembed)
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 
@@ -41,20 +41,20 @@ def attend_with_prefix(q, k, v, mask, pk, pv, pmask) -> jax.Array:
     KV = k.shape[2]
     qg = q.reshape(B, T, KV, H // KV, hd)
     scale = 1.0 / np.sqrt(hd)
-    s_pre = jnp.einsum("btkgd,pkd->bkgtp", qg, pk).astype(jnp.float32) * scale
-    s_row = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale
+    s_pre = jnp.einsum("btkgd,pkd->bkgtp", qg, pk, preferred_element_type=jnp.float32) * scale
+    s_row = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     s_pre = jnp.where(pmask[:, None, None], s_pre, NEG_INF)
     s_row = jnp.where(mask[:, None, None], s_row, NEG_INF)
     P = pk.shape[0]
     probs = jax.nn.softmax(jnp.concatenate([s_pre, s_row], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgtp,pkd->btkgd", probs[..., :P], pv)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., P:], v))
-    return out.reshape(B, T, H, hd)
+    out = (jnp.einsum("bkgtp,pkd->btkgd", probs[..., :P], pv, preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgts,bskd->btkgd", probs[..., P:], v, preferred_element_type=jnp.float32))
+    return out.astype(v.dtype).reshape(B, T, H, hd)
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w [K, N] -> [..., N]."""
-    return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
+    """x [..., K] @ w [K, N] -> [..., N] (float32 accumulation, like ``llama.matmul``)."""
+    return matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def unstack_layers(params, config: ModelConfig, prefix=None) -> dict:
@@ -174,19 +174,19 @@ def attend_kv_major(q, k, v, mask, pk=None, pv=None, pmask=None) -> jax.Array:
     KV = k.shape[1]
     qg = q.reshape(B, T, KV, H // KV, hd)
     scale = 1.0 / np.sqrt(hd)
-    s_row = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * scale
+    s_row = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     s_row = jnp.where(mask[:, None, None], s_row, NEG_INF)
     if pk is None:
         probs = jax.nn.softmax(s_row, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-        return out.reshape(B, T, H, hd)
-    s_pre = jnp.einsum("btkgd,kpd->bkgtp", qg, pk).astype(jnp.float32) * scale
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        return out.astype(v.dtype).reshape(B, T, H, hd)
+    s_pre = jnp.einsum("btkgd,kpd->bkgtp", qg, pk, preferred_element_type=jnp.float32) * scale
     s_pre = jnp.where(pmask[:, None, None], s_pre, NEG_INF)
     P = pk.shape[1]
     probs = jax.nn.softmax(jnp.concatenate([s_pre, s_row], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgtp,kpd->btkgd", probs[..., :P], pv)
-           + jnp.einsum("bkgts,bksd->btkgd", probs[..., P:], v))
-    return out.reshape(B, T, H, hd)
+    out = (jnp.einsum("bkgtp,kpd->btkgd", probs[..., :P], pv, preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgts,bksd->btkgd", probs[..., P:], v, preferred_element_type=jnp.float32))
+    return out.astype(v.dtype).reshape(B, T, H, hd)
 
 
 def forward_unstacked(params, weights, config: ModelConfig, tokens, *, positions, segment_ids,
