@@ -307,7 +307,7 @@ def test_answers_with_the_sampler(model, sp_tokenizer, tmp_path):
 
 # ----------------------------------------------------------------------------- errors, CLI
 @pytest.mark.parametrize("content,name,match", [
-    ('{"question": "q"}\nnot json\n', "x.jsonl", r"x\.jsonl:2: not valid JSON"),
+    ('{"question": "q"}\nnot json\n', "x.jsonl", r"x\.jsonl:2: malformed JSON"),
     ('{"a": 1}', "x.json", "expected a JSON list"),
     ('[{"question": "q", "mc1_targets": {"choices": ["a", "b"], "labels": [1]}, '
      '"mc2_targets": {"choices": ["a"], "labels": [1]}}]', "x.json",

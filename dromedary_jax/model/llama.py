@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dromedary_jax import sharding as shd
-from dromedary_jax.model.attention import NEG_INF, attend, attention_mask  # noqa: F401 (re-exported)
+from dromedary_jax.model.attention import attend, attention_mask
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 

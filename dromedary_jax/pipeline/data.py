@@ -13,6 +13,7 @@ import re
 from typing import Mapping, Sequence
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_records
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,28 +35,7 @@ def read_text(path: str, key: str) -> str:
 
 def load_json_or_jsonl(path: str, key: str) -> list[dict]:
     """A JSONL file (one object per line) or a JSON list of objects."""
-    full = resolve_path(path, key)
-    with open(full, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{full} (config.{key}): invalid JSON: {e}") from None
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{full}:{i + 1} (config.{key}): invalid JSON line: {e}") from None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise UserError(f"{full} (config.{key}): record {i + 1} is not a JSON object")
-    return rows
+    return read_records(resolve_path(path, key), note=f" (config.{key})", objects=True)
 
 
 def _need(row: dict, fields: Sequence[str], where: str) -> None:

@@ -29,8 +29,8 @@ import numpy as np
 
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
-from dromedary_jax.model.llama import (LAYER_KEYS, NEG_INF, attention_mask, dense, forward, matmul,
-                                       rms_norm, unembed)
+from dromedary_jax.model.attention import NEG_INF, attention_mask
+from dromedary_jax.model.llama import LAYER_KEYS, dense, forward, matmul, rms_norm, unembed
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 

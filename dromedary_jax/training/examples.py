@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import iter_jsonl
 
 
 @dataclasses.dataclass
@@ -77,27 +77,18 @@ def read_records(paths: Iterable[str], prompt_field: str = "prompt",
                  response_field: str = "response", id_field: str = "id") -> Iterator[Record]:
     """Parse JSONL files; a malformed line raises UserError naming its file and line number."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})"
-                                    ) from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                for field, key in ((prompt_field, "prompt_field"), (response_field, "response_field")):
-                    if field not in obj:
-                        raise UserError(f"{where}: record has no field {field!r} "
-                                        f"(set data.{key} to the field name your records use)")
-                    if not isinstance(obj[field], str):
-                        raise UserError(f"{where}: field {field!r} must be a string")
-                rid = obj.get(id_field)
-                yield Record(id=str(rid) if rid is not None else where, prompt=obj[prompt_field],
-                             response=obj[response_field], source=where)
+        for where, obj in iter_jsonl(path):
+            if not isinstance(obj, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for field, key in ((prompt_field, "prompt_field"), (response_field, "response_field")):
+                if field not in obj:
+                    raise UserError(f"{where}: record has no field {field!r} "
+                                    f"(set data.{key} to the field name your records use)")
+                if not isinstance(obj[field], str):
+                    raise UserError(f"{where}: field {field!r} must be a string")
+            rid = obj.get(id_field)
+            yield Record(id=str(rid) if rid is not None else where, prompt=obj[prompt_field],
+                         response=obj[response_field], source=where)
 
 
 def load_template(template: str, template_file: str = "") -> str:
