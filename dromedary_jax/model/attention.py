@@ -92,3 +92,21 @@ def attend(q, k, v, mask) -> jax.Array:
     vh = v.transpose(0, 2, 1, 3)
     o = _core(qh, kh, vh, mask_bias(mask))
     return o.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
+def attend_with_prefix(q, k, v, mask, pk, pv, pmask) -> jax.Array:
+    """Sampling only (no custom gradient): attention over [a shared prefix ; the rows' own keys].
+    q [B,T,H,hd]; the rows' k/v [B,S,KV,hd] with mask [B,T,S]; the prefix pk/pv [P,KV,hd] (ONE
+    copy that every row attends) with pmask [B,T,P]. One softmax over all P + S keys."""
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    qg = q.reshape(B, T, KV, H // KV, hd) * jnp.asarray(1.0 / np.sqrt(hd), q.dtype)
+    s_pre = jnp.einsum("btkgd,pkd->bkgtp", qg, pk, preferred_element_type=F32)
+    s_row = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32)
+    s = jnp.concatenate([s_pre + mask_bias(pmask)[:, None, None],
+                         s_row + mask_bias(mask)[:, None, None]], axis=-1)
+    probs = softmax_rows(s).astype(v.dtype)
+    P = pk.shape[0]
+    out = (jnp.einsum("bkgtp,pkd->btkgd", probs[..., :P], pv, preferred_element_type=F32)
+           + jnp.einsum("bkgts,bskd->btkgd", probs[..., P:], v, preferred_element_type=F32))
+    return out.astype(v.dtype).reshape(B, T, H, hd)

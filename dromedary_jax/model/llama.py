@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dromedary_jax import sharding as shd
-from dromedary_jax.model.attention import attend, attention_mask
+from dromedary_jax.model.attention import attend, attend_with_prefix, attention_mask
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -165,6 +165,7 @@ def forward(
     dropout_rng: jax.Array | None = None,
     mesh=None,
     return_hidden: bool = False,
+    prefix: Mapping[str, jax.Array] | None = None,
 ):
     """Run the decoder.
 
@@ -174,6 +175,10 @@ def forward(
     the whole cache. ``logits_at`` [B] int: compute logits only at that position of each row
     (returns [B, 1, V]). Returns ``(logits float32, new_cache or None)``; with ``return_hidden``
     the final-normed hidden states [B, T, D] are returned instead of logits.
+
+    ``prefix`` (sampling, with ``cache``): a shared prefix's k/v [L, 1, P, KV, hd] and pos/seg
+    [1, P] that every row attends besides its own cache. It is never written and stays ONE copy
+    for the whole batch (a ~1.8k-token principle prompt is not copied into every row).
     """
     c = config
     dtype = jnp.dtype(c.dtype)
@@ -189,6 +194,14 @@ def forward(
     x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
     cos, sin = rope_tables(positions, inverse_frequencies(c))
 
+    if prefix is not None and cache is None:
+        raise ValueError("forward: a shared prefix needs a cache")
+    pmask = prefix_kv = None
+    if prefix is not None:
+        P = prefix["seg"].shape[1]
+        pmask = attention_mask(positions, segment_ids, jnp.broadcast_to(prefix["pos"], (B, P)),
+                               jnp.broadcast_to(prefix["seg"], (B, P)))
+        prefix_kv = (prefix["k"], prefix["v"])
     if cache is not None:
         idx = jnp.asarray(cache_index, jnp.int32)
         kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
@@ -208,7 +221,7 @@ def forward(
 
     def layer(carry, xs):
         x, ck, cv = carry
-        p, lo, li, key = xs
+        p, lo, li, key, pkv = xs
         def drop(v, i):  # LoRA dropout on an adapter's input (the base path sees v itself)
             if not use_dropout:
                 return v
@@ -230,7 +243,11 @@ def forward(
             v_all = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(dtype)
         else:
             k_all, v_all = k, v
-        o = attend(q, k_all, v_all, mask)
+        if pkv is None:
+            o = attend(q, k_all, v_all, mask)
+        else:  # [1, P, KV, hd] -> [P, KV, hd]
+            o = attend_with_prefix(q, k_all, v_all, mask, pkv[0][0].astype(dtype),
+                                   pkv[1][0].astype(dtype), pmask)
         x = x + dense(o, p["wo"], 2, lo.get("wo"), lora_scale, drop(o, 1) if "wo" in lo else o)
         x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
 
@@ -246,7 +263,7 @@ def forward(
 
     layer = _remat(layer, c.remat)
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-    xs = (layer_params, layer_lora, layer_ids, layer_keys)
+    xs = (layer_params, layer_lora, layer_ids, layer_keys, prefix_kv)
     if c.scan_layers:
         (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v), xs)
     else:

@@ -7,7 +7,7 @@ Per-row cache layout (every row uses the same slots)::
     slots [T, T+G)        generated tokens: step t writes slot T+t-1 for every row
 
 A shared prefix is NOT copied into the rows: it stays one ``[L, 1, P, KV, hd]`` cache that every
-row attends besides its own (see ``step_forward``). Padding has segment id 0 and is
+row attends besides its own (``llama.forward``'s ``prefix``). Padding has segment id 0 and is
 never attended to; real tokens have segment 1 and positions counting from 0 at the first real
 token (of the prefix, when there is one), so left padding changes nothing a row computes.
 ``state`` is a dict pytree (donated to ``decode``)::
@@ -35,10 +35,10 @@ import jax.numpy as jnp
 
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
-from dromedary_jax.model.llama import CACHE_AXES
+from dromedary_jax.model.llama import CACHE_AXES, forward
 from dromedary_jax.sampling.logits_processing import apply_penalties, row_keys, sample
-from dromedary_jax.sampling.step_forward import (forward_step, forward_unstacked, merge_cache,
-                                                 split_cache, unstack_layers)
+from dromedary_jax.sampling.step_forward import (forward_unstacked, merge_cache, split_cache,
+                                                 unstack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +108,10 @@ def prefill(params, batch, prefix, knobs, *, spec: LoopSpec, gen_len: int):
              "pos": jnp.zeros((B, T + gen_len), jnp.int32),
              "seg": jnp.zeros((B, T + gen_len), jnp.int32)}
     cache = {k: shd.constrain(v, CACHE_AXES[k], spec.mesh) for k, v in cache.items()}
-    logits, cache = forward_step(params, c, tokens, positions=batch["positions"],
-                                 segment_ids=batch["segment_ids"], cache=cache, cache_index=0,
-                                 prefix=_prefix_kv(prefix), mesh=spec.mesh,
-                                 logits_at=jnp.full((B,), T - 1, jnp.int32))
+    logits, cache = forward(params, c, tokens, positions=batch["positions"],
+                            segment_ids=batch["segment_ids"], cache=cache, cache_index=0,
+                            prefix=_prefix_kv(prefix), mesh=spec.mesh,
+                            logits_at=jnp.full((B,), T - 1, jnp.int32))
     logits = logits[:, 0]
     if prefix is not None:
         logits = jnp.where(batch["empty"][:, None], prefix["last_logits"], logits)
@@ -168,9 +168,9 @@ def decode(params, state, knobs, stop_at, prefix=None, *, spec: LoopSpec):
             t = s["t"]
             tok = jax.lax.dynamic_slice_in_dim(s["tokens"], t - 1, 1, axis=1)
             pos = (s["first_pos"] + t - 1)[:, None]
-            logits, cache = forward_step(params, c, tok, positions=pos, segment_ids=ones,
-                                         cache=s["cache"], cache_index=base + t - 1,
-                                         prefix=prefix, mesh=spec.mesh)
+            logits, cache = forward(params, c, tok, positions=pos, segment_ids=ones,
+                                    cache=s["cache"], cache_index=base + t - 1, prefix=prefix,
+                                    mesh=spec.mesh)
             return _sample_into(dict(s, cache=cache), logits[:, 0], knobs, spec)
 
         state = jax.lax.while_loop(cond, body, state)

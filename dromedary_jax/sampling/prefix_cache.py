@@ -1,6 +1,6 @@
 """Shared-prefix KV cache: prefill a prefix common to every prompt (the principle prompt) ONCE
-into a ``[L, 1, P, KV, hd]`` cache; every row of every batch then attends that one copy (see
-``step_forward``) and prefills only its own suffix (positions continue from the prefix length).
+into a ``[L, 1, P, KV, hd]`` cache; every row of every batch then attends that one copy (the
+``prefix`` argument of ``llama.forward``) and prefills only its own suffix (positions continue from the prefix length).
 
     state = prefill_prefix(model, prefix_ids)           # no caching, just compute
     cache = PrefixCache(maxsize=4)

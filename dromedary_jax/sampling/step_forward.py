@@ -1,25 +1,18 @@
-"""The sampler's decoder pass: ``llama.forward`` with a per-row KV cache, plus two things the
-model's pass does not do.
+"""The sampler's CPU decode path: one decoder pass over per-layer (unstacked) weights.
 
-1. A SHARED PREFIX attended by every row. ``llama.forward`` needs every row's keys in its own
-   cache row, so a shared prefix (the ~1.8k-token principle prompt) would be copied B times: B
-   times the cache memory, and every decode step would re-read B copies of the same keys. Here
-   the prefix keys/values stay ONE copy (``[L, 1, P, KV, hd]``) and attention runs over
-   [prefix keys ; the row's own cache] with one softmax (the two score blocks are concatenated).
-   Only the rows' own tokens (suffix + generated) live in the per-row cache.
-2. A CPU decode path (:func:`forward_unstacked`). On CPU, XLA copies each layer's weights out
-   of the stacked ``[L, ...]`` arrays at every step of a scanned decode loop, and attention over
-   a ``[B, S, KV, hd]`` cache transposes it first. ``decode`` on CPU therefore slices the layer
-   weights ONCE per call (:func:`unstack_layers`, fusing q/k/v and gate/up into single matmuls
-   while it copies anyway) and keeps each layer's cache as ``[B, KV, S, hd]`` inside its loop
-   (:func:`split_cache` / :func:`merge_cache`). That holds a second copy of the layer weights
-   during decoding, so it is used on CPU only (~1.4x faster at batch 1 on the 50M benchmark
-   model); TPU/GPU keep the scanned path.
+The sampler's prefill, and its decode on TPU/GPU, run ``llama.forward`` itself with a per-row KV
+cache (and, for a shared prefix, its ``prefix`` argument: ONE copy of the prefix keys that every
+row attends). On CPU, XLA copies each layer's weights out of the stacked ``[L, ...]`` arrays at
+every step of a scanned decode loop, and attention over a ``[B, S, KV, hd]`` cache transposes it
+first. ``decode`` on CPU therefore slices the layer weights ONCE per call (:func:`unstack_layers`,
+fusing q/k/v and gate/up into single matmuls while it copies anyway) and keeps each layer's cache
+as ``[B, KV, S, hd]`` inside its loop (:func:`split_cache` / :func:`merge_cache`). That holds a
+second copy of the layer weights during decoding, so it is used on CPU only (~1.4x faster at
+batch 1 on the 50M benchmark model).
 
-Same masking rule as the model (same non-zero segment, key position <= query position), same
-building blocks (``rms_norm``, ``dense``, RoPE, ``unembed``); no LoRA/dropout (sampling runs on
-merged weights). Without a prefix, :func:`forward_step` is ``llama.forward`` itself. Tests check
-every path against ``llama.forward`` and transformers.
+Same masking rule and building blocks as the model (``rms_norm``, ``matmul``, RoPE, ``unembed``);
+no LoRA/dropout (sampling runs on merged weights). Tests check it against ``llama.forward`` and
+transformers.
 """
 from __future__ import annotations
 
@@ -30,26 +23,8 @@ import numpy as np
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.attention import NEG_INF, attention_mask
-from dromedary_jax.model.llama import LAYER_KEYS, dense, forward, matmul, rms_norm, unembed
+from dromedary_jax.model.llama import matmul, rms_norm, unembed
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
-
-
-def attend_with_prefix(q, k, v, mask, pk, pv, pmask) -> jax.Array:
-    """q [B,T,H,hd]; the rows' k/v [B,S,KV,hd] with mask [B,T,S]; the shared prefix pk/pv
-    [P,KV,hd] with pmask [B,T,P]. One softmax over all P + S keys -> [B,T,H,hd]."""
-    B, T, H, hd = q.shape
-    KV = k.shape[2]
-    qg = q.reshape(B, T, KV, H // KV, hd)
-    scale = 1.0 / np.sqrt(hd)
-    s_pre = jnp.einsum("btkgd,pkd->bkgtp", qg, pk, preferred_element_type=jnp.float32) * scale
-    s_row = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    s_pre = jnp.where(pmask[:, None, None], s_pre, NEG_INF)
-    s_row = jnp.where(mask[:, None, None], s_row, NEG_INF)
-    P = pk.shape[0]
-    probs = jax.nn.softmax(jnp.concatenate([s_pre, s_row], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgtp,pkd->btkgd", probs[..., :P], pv, preferred_element_type=jnp.float32)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., P:], v, preferred_element_type=jnp.float32))
-    return out.astype(v.dtype).reshape(B, T, H, hd)
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -99,56 +74,6 @@ def _step_inputs(params, c: ModelConfig, tokens, positions, segment_ids, cache, 
         pmask = attention_mask(positions, segment_ids, jnp.broadcast_to(prefix["pos"], (B, P)),
                                jnp.broadcast_to(prefix["seg"], (B, P)))
     return x, cos, sin, idx, kv_pos, kv_seg, mask, pmask
-
-
-def forward_step(params, config: ModelConfig, tokens, *, positions, segment_ids, cache,
-                 cache_index, prefix=None, logits_at=None, mesh=None):
-    """Like ``llama.forward(..., cache=cache, cache_index=...)``, plus ``prefix`` (None, or k/v
-    [L, 1, P, KV, hd] and pos/seg [1, P] that every row attends; never written).
-    Returns (logits float32, new cache)."""
-    if prefix is None:
-        return forward(params, config, tokens, positions=positions, segment_ids=segment_ids,
-                       cache=cache, cache_index=cache_index, logits_at=logits_at, mesh=mesh)
-    c = config
-    dtype = jnp.dtype(c.dtype)
-    B, T = tokens.shape
-    x, cos, sin, idx, kv_pos, kv_seg, mask, pmask = _step_inputs(
-        params, c, tokens, positions, segment_ids, cache, cache_index, prefix, mesh)
-
-    def layer(carry, xs):
-        x, ck, cv = carry
-        p, li, pk, pv = xs
-        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q = dense(h, p["wq"], 1)
-        k = dense(h, p["wk"], 1)
-        v = dense(h, p["wv"], 1)
-        q = shd.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None), mesh)
-        k = shd.constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None), mesh)
-        v = shd.constrain(v, ("batch", "length", "act_kv_heads", None), mesh)
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (li, 0, idx, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (li, 0, idx, 0, 0))
-        k_all = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False).astype(dtype)
-        v_all = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False).astype(dtype)
-        o = attend_with_prefix(q, k_all, v_all, mask, pk[0].astype(dtype), pv[0].astype(dtype),
-                               pmask)
-        x = x + dense(o, p["wo"], 2)
-        x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
-        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        a = jax.nn.silu(dense(h, p["w_gate"], 1)) * dense(h, p["w_up"], 1)
-        a = shd.constrain(a, ("batch", "length", "act_mlp"), mesh)
-        x = x + dense(a, p["w_down"], 1)
-        x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
-        return (x, ck, cv), None
-
-    xs = ({k: params[k] for k in LAYER_KEYS}, jnp.arange(c.num_layers, dtype=jnp.int32),
-          prefix["k"], prefix["v"])
-    (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache["k"], cache["v"]), xs,
-                                            unroll=1 if c.scan_layers else c.num_layers)
-    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    if logits_at is not None:
-        x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
-    new_cache = {"k": cache_k, "v": cache_v, "pos": kv_pos, "seg": kv_seg}
-    return unembed(params, config, x, mesh), new_cache
 
 
 # ----------------------------------------------------------------------------- CPU decode path
