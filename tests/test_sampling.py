@@ -96,6 +96,15 @@ def test_greedy_matches_transformers(hf, hf_gqa, gqa):
     assert got == want
 
 
+def test_greedy_matches_transformers_with_tied_embeddings():
+    # batch 4: the CPU decode path's vocab-major output projection is the embedding itself
+    ref_model = tiny_hf_model(0, tie_word_embeddings=True)
+    ours = ours_from_hf(ref_model)
+    assert ours.config.tie_embeddings
+    assert dj.generate(ours, PROMPTS, max_new_tokens=12, eos_id=2) == _hf_greedy(
+        ref_model, PROMPTS, 12)
+
+
 def test_eos_is_excluded_and_stops_the_row(model):
     free = dj.generate(model, PROMPTS, max_new_tokens=8, eos_id=-1)
     eos = free[0][3]  # pretend row 0's 4th greedy token is EOS

@@ -148,7 +148,7 @@ def decode(params, state, knobs, stop_at, prefix=None, *, spec: LoopSpec):
         return (s["t"] < limit) & ~jnp.all(s["done"])
 
     if spec.unstack_layers:  # CPU: per-layer weights and [B, KV, S, hd] caches inside the loop
-        weights = unstack_layers(params, c, prefix)
+        weights = unstack_layers(params, c, prefix, batch=B)
 
         def body(s):
             t = s["t"]
