@@ -94,19 +94,28 @@ def attend(q, k, v, mask) -> jax.Array:
     return o.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
-def attend_with_prefix(q, k, v, mask, pk, pv, pmask) -> jax.Array:
-    """Sampling only (no custom gradient): attention over [a shared prefix ; the rows' own keys].
-    q [B,T,H,hd]; the rows' k/v [B,S,KV,hd] with mask [B,T,S]; the prefix pk/pv [P,KV,hd] (ONE
-    copy that every row attends) with pmask [B,T,P]. One softmax over all P + S keys."""
+def attend_cached(q, k, v, mask, pk=None, pv=None, pmask=None, *, kv_major: bool = False
+                  ) -> jax.Array:
+    """Sampling attention (no custom gradient) over the rows' own keys and, optionally, a shared
+    prefix that every row attends (ONE copy for the batch), with one softmax over all keys.
+
+    q [B,T,H,hd]; the rows' k/v [B,S,KV,hd] (``kv_major``: [B,KV,S,hd], the CPU decode path's
+    cache layout) with mask [B,T,S]; the prefix pk/pv [P,KV,hd] (``kv_major``: [KV,P,hd]) with
+    pmask [B,T,P]. Returns [B,T,H,hd] in v's dtype."""
     B, T, H, hd = q.shape
-    KV = k.shape[2]
+    KV = k.shape[1] if kv_major else k.shape[2]
+    rows, pre = ("bksd", "kpd") if kv_major else ("bskd", "pkd")
     qg = q.reshape(B, T, KV, H // KV, hd) * jnp.asarray(1.0 / np.sqrt(hd), q.dtype)
-    s_pre = jnp.einsum("btkgd,pkd->bkgtp", qg, pk, preferred_element_type=F32)
-    s_row = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32)
-    s = jnp.concatenate([s_pre + mask_bias(pmask)[:, None, None],
-                         s_row + mask_bias(mask)[:, None, None]], axis=-1)
+    s = jnp.einsum(f"btkgd,{rows}->bkgts", qg, k, preferred_element_type=F32)
+    s = jnp.where(mask[:, None, None], s, NEG_INF)
+    P = 0
+    if pk is not None:
+        s_pre = jnp.einsum(f"btkgd,{pre}->bkgtp", qg, pk, preferred_element_type=F32)
+        s = jnp.concatenate([jnp.where(pmask[:, None, None], s_pre, NEG_INF), s], axis=-1)
+        P = s_pre.shape[-1]
     probs = softmax_rows(s).astype(v.dtype)
-    P = pk.shape[0]
-    out = (jnp.einsum("bkgtp,pkd->btkgd", probs[..., :P], pv, preferred_element_type=F32)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., P:], v, preferred_element_type=F32))
+    out = jnp.einsum(f"bkgts,{rows}->btkgd", probs[..., P:], v, preferred_element_type=F32)
+    if pk is not None:
+        out = out + jnp.einsum(f"bkgtp,{pre}->btkgd", probs[..., :P], pv,
+                               preferred_element_type=F32)
     return out.astype(v.dtype).reshape(B, T, H, hd)

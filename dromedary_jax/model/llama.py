@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dromedary_jax import sharding as shd
-from dromedary_jax.model.attention import attend, attend_with_prefix, attention_mask
+from dromedary_jax.model.attention import attend, attend_cached, attention_mask
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -246,8 +246,8 @@ def forward(
         if pkv is None:
             o = attend(q, k_all, v_all, mask)
         else:  # [1, P, KV, hd] -> [P, KV, hd]
-            o = attend_with_prefix(q, k_all, v_all, mask, pkv[0][0].astype(dtype),
-                                   pkv[1][0].astype(dtype), pmask)
+            o = attend_cached(q, k_all, v_all, mask, pkv[0][0].astype(dtype),
+                              pkv[1][0].astype(dtype), pmask)
         x = x + dense(o, p["wo"], 2, lo.get("wo"), lora_scale, drop(o, 1) if "wo" in lo else o)
         x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
-from dromedary_jax.model.attention import NEG_INF, attention_mask
+from dromedary_jax.model.attention import attend_cached, attention_mask
 from dromedary_jax.model.llama import matmul, rms_norm, unembed
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -103,28 +102,6 @@ def merge_cache(cache):
             "pos": cache["pos"], "seg": cache["seg"]}
 
 
-def attend_kv_major(q, k, v, mask, pk=None, pv=None, pmask=None) -> jax.Array:
-    """q [B,T,H,hd]; k/v [B,KV,S,hd] (mask [B,T,S]); optional shared prefix pk/pv [KV,P,hd]
-    (pmask [B,T,P]). One softmax over all keys -> [B,T,H,hd]."""
-    B, T, H, hd = q.shape
-    KV = k.shape[1]
-    qg = q.reshape(B, T, KV, H // KV, hd)
-    scale = 1.0 / np.sqrt(hd)
-    s_row = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    s_row = jnp.where(mask[:, None, None], s_row, NEG_INF)
-    if pk is None:
-        probs = jax.nn.softmax(s_row, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-        return out.astype(v.dtype).reshape(B, T, H, hd)
-    s_pre = jnp.einsum("btkgd,kpd->bkgtp", qg, pk, preferred_element_type=jnp.float32) * scale
-    s_pre = jnp.where(pmask[:, None, None], s_pre, NEG_INF)
-    P = pk.shape[1]
-    probs = jax.nn.softmax(jnp.concatenate([s_pre, s_row], axis=-1), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgtp,kpd->btkgd", probs[..., :P], pv, preferred_element_type=jnp.float32)
-           + jnp.einsum("bkgts,bksd->btkgd", probs[..., P:], v, preferred_element_type=jnp.float32))
-    return out.astype(v.dtype).reshape(B, T, H, hd)
-
-
 def forward_unstacked(params, weights, config: ModelConfig, tokens, *, positions, segment_ids,
                       cache, cache_index, prefix=None, mesh=None):
     """One decoder pass over :func:`unstack_layers` ``weights`` (``params`` gives the embedding,
@@ -153,9 +130,9 @@ def forward_unstacked(params, weights, config: ModelConfig, tokens, *, positions
         cv = shd.constrain(cv, ("batch", "act_kv_heads", None, None), mesh)
         new_layers.append((ck, cv))
         pk, pv = p.get("prefix_k"), p.get("prefix_v")
-        o = attend_kv_major(q, ck.astype(dtype), cv.astype(dtype), mask,
-                            None if pk is None else pk.astype(dtype),
-                            None if pv is None else pv.astype(dtype), pmask)
+        o = attend_cached(q, ck.astype(dtype), cv.astype(dtype), mask,
+                          None if pk is None else pk.astype(dtype),
+                          None if pv is None else pv.astype(dtype), pmask, kv_major=True)
         x = x + _matmul(o.reshape(B, T, H * hd), p["wo"])
         x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
