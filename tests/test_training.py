@@ -132,6 +132,20 @@ def test_packing_segments_positions_and_row_count():
     assert [ids for _, ids in packing.pack_examples(exs, 8, pack=False)] == [[i] for i in range(5)]
 
 
+def test_other_hosts_give_up_waiting_for_process_0_with_a_clear_error(tmp_path, sp_tokenizer):
+    path = write_records(tmp_path / "d.jsonl", 3)
+    cfg = default_config()
+    cfg.data.prepare_timeout_s = 0.2
+    root = str(tmp_path / "prep")
+    with pytest.raises(UserError, match=r"waited .* for process 0 .*prepare_timeout_s=0.2"):
+        ds_lib.prepare(cfg.data, sp_tokenizer, [path], [], root, process_index=1, process_count=2)
+    # once process 0 has prepared it, another host finds it without waiting
+    first = ds_lib.prepare(cfg.data, sp_tokenizer, [path], [], root)
+    other = ds_lib.prepare(cfg.data, sp_tokenizer, [path], [], root, process_index=1,
+                           process_count=2)
+    assert other.path == first.path and other.counts == {"train": 3}
+
+
 def test_loader_is_deterministic_sharded_and_resumable(tmp_path, sp_tokenizer):
     path = write_records(tmp_path / "d.jsonl", 21)
     cfg = default_config()

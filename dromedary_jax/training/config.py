@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True
     c.data.seed = 0  # shuffle seed (order is a pure function of seed, epoch and host)
     c.data.prepared_dir = ""  # where the ArrayRecord dataset goes; default <workdir>/data
+    c.data.prepare_timeout_s = 3600.0  # other hosts wait this long for process 0 to prepare it
     c.data.read_threads = 2
 
     c.train = ml_collections.ConfigDict()

@@ -170,6 +170,19 @@ def _write_tfds(root: str, splits: dict) -> str:
     return str(builder.data_dir)
 
 
+def _wait_for(info_path: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Other hosts wait for process 0 to finish the dataset; a clear error instead of a hang."""
+    start = time.monotonic()
+    while not os.path.isfile(info_path):
+        waited = time.monotonic() - start
+        if waited > timeout_s:
+            raise UserError(
+                f"waited {waited:.0f} s for process 0 to prepare the training data ({info_path} "
+                f"never appeared): did process 0 fail, and is data.prepared_dir on a filesystem "
+                f"every host shares? (data.prepare_timeout_s={timeout_s:g})")
+        time.sleep(poll_s)
+
+
 def prepare(data_cfg, tokenizer, train_files: Sequence[str], eval_files: Sequence[str],
             root: str, process_index: int = 0, process_count: int = 1) -> PreparedData:
     """Tokenize the JSONL files into an ArrayRecord dataset under ``root`` (reused if present).
@@ -209,8 +222,7 @@ def prepare(data_cfg, tokenizer, train_files: Sequence[str], eval_files: Sequenc
             os.replace(ds_dir, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    while not os.path.isfile(info_path):  # other hosts wait for process 0
-        time.sleep(1.0)
+    _wait_for(info_path, float(data_cfg.get("prepare_timeout_s", 3600)))
     with open(info_path) as f:
         info = json.load(f)
     return PreparedData(path=final, fingerprint=fp, counts=info["counts"], stats=info["stats"])
