@@ -15,6 +15,9 @@ kept from the forward pass)::
 
 which XLA runs about twice as fast as the autodiff of ``softmax(where(mask, ...))`` on CPU (the
 fused elementwise work of the softmax backward is the expensive part there).
+
+:func:`attend_cached` is the sampler's variant (no gradient): the rows' own cache in either layout
+plus an optional shared prefix, one softmax over both.
 """
 from __future__ import annotations
 
