@@ -14,7 +14,7 @@ records, shared-prefix sampling, LoRA fine-tunes, checkpoints, HF export, report
 
 arg "smoke" shrinks it further (4 questions, 4 training steps) for tests and the notebook test.
 """
-from dromedary_jax.pipeline.defaults import get_defaults
+from dromedary_jax.pipeline.defaults import get_defaults, relax_for_random_tiny_model
 
 
 def get_config(arg=None):
@@ -23,35 +23,12 @@ def get_config(arg=None):
     c.notice = ("demo config: a tiny RANDOMLY initialised model writes gibberish, so filters are "
                 "relaxed (any topic line kept, no answer header or minimum length required) and "
                 "stage 2 answers the 20 red-teaming seed questions; see configs/demo.py")
-    m = c.model
-    m.preset = "tiny"
-    m.tokenizer = "builtin:demo"
-    m.overrides = {"max_seq_len": 8192}
-    m.batch_size = 8
-
+    relax_for_random_tiny_model(c)      # relaxed stage 1-2 settings, seed questions in stage 2
+    c.model.tokenizer = "builtin:demo"
     si = c.self_instruct
-    si.batch_size = 8
-    si.topics.rounds = 1
-    si.topics.max_prompts_per_type = 1
-    si.topics.max_new_tokens = 24
-    si.topics.max_words = 50            # relaxed: gibberish topics are accepted
-    si.questions.max_prompts = 2
-    si.questions.hints_per_prompt = 2
-    si.questions.examples_per_prompt = 1
-    si.questions.max_new_tokens = 24
-    si.vanilla.num_instructions = 1
-    si.vanilla.requests_per_round = 4
-    si.vanilla.max_rounds = 1
-    si.vanilla.prompt_seed_tasks = 1
-    si.vanilla.prompt_machine_tasks = 0
-    si.vanilla.max_new_tokens = 24
-
     sa = c.self_align
-    sa.questions_file = "data/red_team/question_types.jsonl"  # relaxed: real questions
     sa.max_questions = 8
-    sa.num_exemplars = 1
     sa.max_new_tokens = 24
-    sa.min_answer_chars = 0             # relaxed: keep short answers
     sa.require_answer_header = False    # relaxed: gibberish has no "<Name>:" answer header
 
     for section, max_len in ((c.engrave, 384), (c.verbose_clone, 384)):

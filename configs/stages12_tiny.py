@@ -8,7 +8,7 @@ arg "scripted" (default): the scripted fake model (realistic text; every parser 
 arg "tiny": a randomly initialised "tiny" Llama; its output is gibberish, so the filters are
 relaxed and the prompts shortened (1 exemplar) to keep CPU runs short.
 """
-from dromedary_jax.pipeline.defaults import get_defaults
+from dromedary_jax.pipeline.defaults import get_defaults, relax_for_random_tiny_model
 
 
 def get_config(arg=None):
@@ -35,29 +35,9 @@ def get_config(arg=None):
     if kind == "scripted":
         c.model.kind = "scripted"
     elif kind == "tiny":
-        c.model.preset = "tiny"
-        c.model.overrides = {"max_seq_len": 8192}
-        c.model.batch_size = 8
-        si.topics.rounds = 1
-        si.topics.max_prompts_per_type = 1
-        si.topics.max_new_tokens = 24
-        si.topics.max_words = 50            # gibberish: accept any line
-        si.questions.max_prompts = 2
-        si.questions.hints_per_prompt = 2
-        si.questions.examples_per_prompt = 1
-        si.questions.max_new_tokens = 24
-        si.vanilla.num_instructions = 1
-        si.vanilla.requests_per_round = 4
-        si.vanilla.max_rounds = 1
-        si.vanilla.prompt_seed_tasks = 1
-        si.vanilla.prompt_machine_tasks = 0
-        si.vanilla.max_new_tokens = 24
-        # gibberish yields no parseable questions: answer the red-teaming seed questions instead
-        sa.questions_file = "data/red_team/question_types.jsonl"
+        relax_for_random_tiny_model(c)
         sa.max_questions = 4
-        sa.num_exemplars = 1
         sa.max_new_tokens = 16
-        sa.min_answer_chars = 0
     else:
         raise ValueError(f"configs/stages12_tiny.py: unknown arg {arg!r}; use 'scripted' or 'tiny'")
     return c

@@ -186,6 +186,38 @@ def finetune_defaults(max_len: int) -> ml_collections.ConfigDict:
     return t
 
 
+def relax_for_random_tiny_model(c) -> ml_collections.ConfigDict:
+    """Stages 1-2 settings for a randomly initialised "tiny" Llama on CPU (the demo, and
+    ``configs/stages12_tiny.py:tiny``): short generations and few prompts; any topic line accepted;
+    since gibberish yields no parseable questions, stage 2 answers the red-teaming seed questions
+    with a 1-exemplar prompt and keeps answers of any length. Returns ``c``, changed in place."""
+    m = c.model
+    m.preset = "tiny"
+    m.overrides = {"max_seq_len": 8192}
+    m.batch_size = 8
+    si = c.self_instruct
+    si.batch_size = 8
+    si.topics.rounds = 1
+    si.topics.max_prompts_per_type = 1
+    si.topics.max_new_tokens = 24
+    si.topics.max_words = 50
+    si.questions.max_prompts = 2
+    si.questions.hints_per_prompt = 2
+    si.questions.examples_per_prompt = 1
+    si.questions.max_new_tokens = 24
+    si.vanilla.num_instructions = 1
+    si.vanilla.requests_per_round = 4
+    si.vanilla.max_rounds = 1
+    si.vanilla.prompt_seed_tasks = 1
+    si.vanilla.prompt_machine_tasks = 0
+    si.vanilla.max_new_tokens = 24
+    sa = c.self_align
+    sa.questions_file = "data/red_team/question_types.jsonl"
+    sa.num_exemplars = 1
+    sa.min_answer_chars = 0
+    return c
+
+
 def _check_keys(user, default, path: str) -> None:
     for key in user.keys():
         if key not in default:
