@@ -49,6 +49,21 @@ def timeit(fn, repeats: int = 5, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
+def timeit_interleaved(fns, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall seconds of each fn() (each must block until done), timed in turns (A B A B
+    ...) so that a slow patch of a shared machine hits every side alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
+
+
 def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """Measured matmul FLOP/s of this machine through XLA (the MFU denominator), inputs in
     ``dtype``, accumulated in float32 (as the model's matmuls are)."""

@@ -1,6 +1,6 @@
 """Forward-pass tokens/s: dromedary_jax vs transformers (torch, CPU) on the same weights.
 
-    python benchmarks/forward.py [--batch 8] [--seq 256] [--repeats 5]
+    python benchmarks/forward.py [--batch 8] [--seq 256] [--repeats 9]
 
 Target (issue 2): >= 1.0x at batch 8 x 256 on the ~50M-parameter config.
 """
@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import torch
 
-from common import bench_models, matmul_peak_flops, timeit, torch_threads
+from common import bench_models, matmul_peak_flops, timeit_interleaved, torch_threads
+from dromedary_jax.forward_jit import onednn_enabled
 from dromedary_jax.model.llama import _logits_jit
 
 
@@ -18,7 +19,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     threads = torch_threads()
     hf, ours = bench_models()
@@ -43,12 +44,12 @@ def main():
     err = float(np.abs(ours_l - ref).max())
 
     n_tok = args.batch * args.seq
-    t_ours = timeit(run_ours, args.repeats)
-    t_hf = timeit(run_hf, args.repeats)
+    t_ours, t_hf = timeit_interleaved([run_ours, run_hf], args.repeats)
     peak = matmul_peak_flops()
     flops = cfg.flops_per_token(args.seq) * n_tok
     print(f"config: bench-50m ({cfg.num_params / 1e6:.1f}M params), batch {args.batch} x {args.seq}, "
-          f"float32, {jax.devices()[0].platform}, torch threads {threads}, max|dlogits|={err:.1e}")
+          f"float32, {jax.devices()[0].platform}, torch threads {threads}, max|dlogits|={err:.1e}, "
+          f"oneDNN dots {'on' if onednn_enabled() else 'off'} (DROMEDARY_JAX_ONEDNN)")
     print(f"dromedary_jax forward: {n_tok / t_ours:10.0f} tokens/s  ({t_ours * 1e3:.1f} ms)")
     print(f"transformers forward:  {n_tok / t_hf:10.0f} tokens/s  ({t_hf * 1e3:.1f} ms)")
     print(f"ratio dromedary_jax / transformers: {t_hf / t_ours:.2f}x (target >= 1.0x)")

@@ -15,7 +15,6 @@ non-zero segment and the key's position is not after the query's. Padding has se
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dromedary_jax import sharding as shd
+from dromedary_jax.forward_jit import forward_jit
 from dromedary_jax.model.attention import attend, attend_cached, attention_mask
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
@@ -359,7 +359,12 @@ class Llama(nnx.Module):
         return forward(self.params, self.config, tokens, mesh=self.mesh, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+# dj.logits calls of at least this many tokens use oneDNN dots on x86 CPUs (forward_jit.py).
+ONEDNN_MIN_TOKENS = 2048
+
+
+@forward_jit(static_argnames=("config", "mesh"),
+             onednn_when=lambda params, tokens, config, mesh: tokens.size >= ONEDNN_MIN_TOKENS)
 def _logits_jit(params, tokens, config, mesh):
     return forward(params, config, tokens, mesh=mesh)[0]
 
