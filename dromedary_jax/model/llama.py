@@ -101,6 +101,17 @@ def init_params(c: ModelConfig, key: jax.Array, mesh=None, std: float = 0.02) ->
 
 
 # ----------------------------------------------------------------------------- building blocks
+def embed_tokens(params, tokens: jax.Array, dtype, mesh=None) -> jax.Array:
+    """Token ids [B, T] -> embeddings [B, T, D] in ``dtype``, batch-sharded on ``mesh``.
+
+    The table's 'embed' (fsdp) shards are gathered first, as FSDP does for every weight. A lookup
+    into an fsdp-sharded embed dim gives activations that SPMD can only re-split by fully
+    replicating them ("Involuntary full rematerialization")."""
+    table = shd.constrain(params["embed"], ("vocab", None), mesh)
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    return shd.constrain(x, ("batch", "length", "act_embed"), mesh)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
@@ -190,8 +201,7 @@ def forward(
     positions = positions.astype(jnp.int32)
     segment_ids = segment_ids.astype(jnp.int32)
 
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
-    x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
+    x = embed_tokens(params, tokens, dtype, mesh)
     cos, sin = rope_tables(positions, inverse_frequencies(c))
 
     if prefix is not None and cache is None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.attention import attend_cached, attention_mask
-from dromedary_jax.model.llama import matmul, rms_norm, unembed
+from dromedary_jax.model.llama import embed_tokens, matmul, rms_norm, unembed
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 
@@ -71,8 +71,7 @@ def _step_inputs(params, c: ModelConfig, tokens, positions, segment_ids, cache, 
     B = tokens.shape[0]
     positions = positions.astype(jnp.int32)
     segment_ids = segment_ids.astype(jnp.int32)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(c.dtype))
-    x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
+    x = embed_tokens(params, tokens, jnp.dtype(c.dtype), mesh)
     cos, sin = rope_tables(positions, inverse_frequencies(c))
     idx = jnp.asarray(cache_index, jnp.int32)
     kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
