@@ -8,6 +8,9 @@ gloo collectives) against the same work done by this single test process (8 fake
     its share into its own record shard, the manifest is written once, and the records must be
     identical to the single-process run. The share is uneven (5 questions, batch 2), so hosts
     make different numbers of batches: the stage must not hang.
+(c) eval scoring (``dj.eval.loglikelihoods``, shared preamble): every host runs the same call
+    and gets every score, equal to the single-process scores within 1e-5; and the eval CLI
+    (TruthfulQA MC) gives the single-process result, written and printed by process 0 only.
 Logs and progress bars appear only on process 0.
 
 The worker is this file run as a script: ``python tests/test_multihost.py worker OUT TOKENIZER``.
@@ -109,6 +112,55 @@ def self_align(workdir: str, tokenizer_path: str) -> dict:
     return run_stages(pipeline_config(tokenizer_path), workdir, ["self_align"], report=False)
 
 
+def score_pairs() -> np.ndarray:
+    """dj.eval.loglikelihoods of a few (context, continuation) pairs on the mesh, with a shared
+    preamble (prefilled once) and contexts shared by several continuations: every host runs the
+    same call and gets every score."""
+    import jax
+    from flax import nnx
+
+    from dromedary_jax.eval import loglikelihoods
+    from dromedary_jax.model.config import preset
+    from dromedary_jax.model.llama import Llama
+    from dromedary_jax.sharding import make_mesh
+
+    model = Llama(preset("tiny"), rngs=nnx.Rngs(1), mesh=make_mesh(MESH))
+    rng = np.random.RandomState(0)
+    preamble = list(rng.randint(3, 500, 40))
+    pairs = []
+    for q in range(3):
+        ctx = preamble + list(rng.randint(3, 500, 5 + q))
+        pairs += [(ctx, list(rng.randint(3, 500, 1 + c))) for c in range(3)]
+    out = loglikelihoods(model, pairs, batch_size=4)
+    assert jax.process_count() == 1 or len(out) == len(pairs)
+    return np.asarray([ll for ll, _ in out] + [float(g) for _, g in out])
+
+
+EVAL_DATA = os.path.join(ROOT, "tests", "data", "eval", "truthfulqa_tiny.json")
+
+
+def save_eval_model(out_dir: str) -> str:
+    """A tiny random model as an HF folder, for the eval CLI."""
+    from flax import nnx
+
+    from dromedary_jax.checkpoint import save_hf
+    from dromedary_jax.model.config import preset
+    from dromedary_jax.model.llama import Llama
+
+    path = os.path.join(out_dir, "eval_model")
+    save_hf(Llama(preset("tiny"), rngs=nnx.Rngs(2)), path)
+    return path
+
+
+def eval_cli(model_dir: str, tokenizer_path: str, out: str) -> None:
+    """``python -m dromedary_jax.eval --task truthfulqa_mc`` on the mesh."""
+    from dromedary_jax.eval.__main__ import main
+
+    main(["--model", model_dir, "--tokenizer", tokenizer_path, "--task", "truthfulqa_mc",
+          "--data", EVAL_DATA, "--mesh", ",".join(map(str, MESH)), "--batch-size", "4",
+          "--out", out])
+
+
 # ----------------------------------------------------------------------------- the worker
 def worker(out_dir: str, tokenizer_path: str) -> None:
     import logging
@@ -127,6 +179,10 @@ def worker(out_dir: str, tokenizer_path: str) -> None:
     lora = train_and_resume(os.path.join(out_dir, "train"), data_file, tokenizer_path)
     if jax.process_index() == 0:
         np.savez(os.path.join(out_dir, "lora.npz"), **lora)
+    scores = score_pairs()
+    np.save(os.path.join(out_dir, f"scores{jax.process_index()}.npy"), scores)
+    eval_cli(os.path.join(out_dir, "eval_model"), tokenizer_path,
+             os.path.join(out_dir, "tqa.json"))
     counts = self_align(os.path.join(out_dir, "pipe"), tokenizer_path)
     print(f"process {jax.process_index()} done: {counts['self_align']['generated']} generated",
           flush=True)
@@ -189,10 +245,13 @@ def test_two_processes_match_one(tmp_path):
     single.mkdir()
     write_sft_data(str(multi / "sft.jsonl"))
     write_sft_data(str(single / "sft.jsonl"))
+    model_dir = save_eval_model(str(multi))
     procs = _start_workers(str(multi), tok_path)
     try:  # the single-process reference runs here meanwhile (8 devices, same mesh)
         assert jax.process_count() == 1 and jax.device_count() >= 8
         ref_lora = train_and_resume(str(single / "train"), str(single / "sft.jsonl"), tok_path)
+        ref_scores = score_pairs()
+        eval_cli(model_dir, tok_path, str(single / "tqa.json"))
         ref_counts = self_align(str(single / "pipe"), tok_path)
     finally:
         logs = _wait(procs, str(multi))
@@ -219,6 +278,17 @@ def test_two_processes_match_one(tmp_path):
     assert manifest["done"] and manifest["num_processes"] == 2
     assert manifest["counts"] == ref_counts["self_align"]
     assert not [f for f in os.listdir(stage) if ".tmp" in f]
+
+    # (c) eval scoring: every host gets every score, equal to the single-process ones
+    for pid in range(NUM_PROCESSES):
+        np.testing.assert_allclose(np.load(multi / f"scores{pid}.npy"), ref_scores, rtol=0,
+                                   atol=1e-5, err_msg=f"process {pid}")
+    # ... and the eval CLI: process 0 writes the result file and prints the metrics line
+    got, ref = (json.loads((d / "tqa.json").read_text()) for d in (multi, single))
+    assert len(got["per_example"]) == len(ref["per_example"]) == 3
+    for g, r in zip(got["per_example"], ref["per_example"]):
+        assert g["mc1"] == r["mc1"] and abs(g["mc2"] - r["mc2"]) < 1e-5
+    assert '"mc1"' in logs[0] and '"mc1"' not in logs[1]
 
     # logs and progress bars only on process 0
     assert "== stage self_align" in logs[0] and "== stage self_align" not in logs[1]

@@ -8,6 +8,12 @@ truthfulqa_mc / hhh print one JSON line of metrics and, with ``--out``, write th
 (metrics, settings, per-example scores) that ``compare`` reads. ``answers`` writes FastChat's
 answer JSONL to ``--out`` (required). ``compare`` writes ``DIR/comparison.md`` and
 ``DIR/comparison.png``. Bad input prints one ``error: ...`` line and exits with status 2.
+
+truthfulqa_mc and hhh also run multi-host (a model sharded over several processes): start the
+same command on every host with ``DROMEDARY_DISTRIBUTED=auto`` (TPU pods) or
+``DROMEDARY_COORDINATOR`` / ``DROMEDARY_NUM_PROCESSES`` / ``DROMEDARY_PROCESS_ID``, and a
+``--mesh`` over all devices; process 0 prints the metrics and writes ``--out``. ``answers`` runs in
+one process.
 """
 from __future__ import annotations
 
@@ -105,12 +111,25 @@ def run_eval(args) -> dict:
     preamble = (read_text(args.preamble_file, "--preamble-file").strip()
                 if args.preamble_file else ev.QA_PREAMBLE)
     mesh = _parse_mesh(args.mesh)
+    # Multi-host (DROMEDARY_DISTRIBUTED=auto on a TPU pod, or DROMEDARY_COORDINATOR & co.): every
+    # process runs the same scoring calls over the mesh and gets every score; process 0 prints
+    # and writes.
+    from dromedary_jax.distributed import maybe_initialize
+
+    multi = maybe_initialize()
+    if multi and args.task == "answers":
+        raise UserError("--task answers runs in a single process (the sampler gives each "
+                        "process its own questions); run it on one host, or generate on a pod "
+                        "with the pipeline's stages")
+    import jax
+
+    lead = jax.process_index() == 0
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     from dromedary_jax.checkpoint import load_model
 
     model = load_model(args.model, dtype=args.dtype, mesh=mesh)
     label = args.label or os.path.basename(os.path.normpath(args.model))
-    common = dict(batch_size=args.batch_size, add_bos=not args.no_bos, progress=True)
+    common = dict(batch_size=args.batch_size, add_bos=not args.no_bos, progress=lead)
     result = {"task": args.task, "label": label, "model": args.model, "data": args.data,
               "n": len(records)}
     if args.task == "truthfulqa_mc":
@@ -132,6 +151,8 @@ def run_eval(args) -> dict:
         print(json.dumps({"task": "answers", "answers": len(answers), "out": args.out}))
         return result
     result["settings"].pop("progress", None)
+    if not lead:
+        return result
     if args.out:
         _write_json(args.out, result)
     print(json.dumps({"task": result["task"], "variant": result.get("variant"), "label": label,

@@ -114,7 +114,8 @@ def _score_step(params, prefix, prefix_len, ctx_tokens, ctx_lens, row_group, con
     :func:`dromedary_jax.sampling.prefill_prefix` makes it) of ``prefix_len`` real tokens that
     every context of the call starts with. ctx_tokens [G, Lc]: each context after that prefix
     (right-padded), ctx_lens [G] their lengths (>= 1). row_group [N]: which context each row
-    continues; cont_tokens [N, Tc], cont_lens [N]. Returns (loglik [N] f32, is_greedy [N])."""
+    continues; cont_tokens [N, Tc], cont_lens [N]. Returns (loglik [N] f32, is_greedy [N]), both
+    replicated over the mesh."""
     G, Lc = ctx_tokens.shape
     N, Tc = cont_tokens.shape
     Pb = 0 if prefix is None else prefix["seg"].shape[1]
@@ -148,7 +149,8 @@ def _score_step(params, prefix, prefix_len, ctx_tokens, ctx_lens, row_group, con
     hit = jnp.concatenate([hit0, hit1], axis=1)
     ll = jnp.sum(jnp.where(valid, tok_lp, 0.0), axis=1)
     greedy = jnp.all(jnp.where(valid, hit, True), axis=1)
-    return ll, greedy
+    # Replicated (N floats): on a multi-host mesh every process can then read every score.
+    return shd.constrain(ll, (None,), mesh), shd.constrain(greedy, (None,), mesh)
 
 
 # ----------------------------------------------------------------------------- host planning
