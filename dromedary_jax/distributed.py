@@ -80,3 +80,29 @@ def is_main_process() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def allgather_texts(texts: list[str]) -> list[list[str]]:
+    """Every process's list of strings, on every process: ``result[p]`` is process p's list
+    (the lists may differ in length). One process: ``[texts]``. Sent as UTF-8 bytes through
+    ``process_allgather``, so it works wherever the device collectives do (gloo on CPU)."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return [list(texts)]
+    from jax.experimental import multihost_utils
+
+    enc = [t.encode("utf-8") for t in texts]
+    sizes = multihost_utils.process_allgather(
+        np.asarray([len(enc), max((len(e) for e in enc), default=0)], np.int64))  # [P, 2]
+    rows, width = max(int(sizes[:, 0].max()), 1), max(int(sizes[:, 1].max()), 1)
+    buf = np.zeros((rows, width), np.uint8)
+    lens = np.zeros((rows,), np.int64)
+    for i, e in enumerate(enc):
+        buf[i, :len(e)] = np.frombuffer(e, np.uint8)
+        lens[i] = len(e)
+    all_buf = multihost_utils.process_allgather(buf)  # [P, rows, width]
+    all_lens = multihost_utils.process_allgather(lens)
+    return [[bytes(all_buf[p, i, :all_lens[p, i]]).decode("utf-8") for i in range(int(n))]
+            for p, n in enumerate(sizes[:, 0])]

@@ -356,18 +356,6 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "missing.json" in err[0]
 
 
-def test_cli_answers_refuses_a_multi_process_run(tmp_path, capsys, monkeypatch):
-    import dromedary_jax.distributed as dist
-    from dromedary_jax.eval.__main__ import main
-
-    monkeypatch.setattr(dist, "maybe_initialize", lambda *a, **k: True)
-    with pytest.raises(SystemExit) as e:
-        main(["--model", str(tmp_path), "--task", "answers", "--data",
-              os.path.join(DATA, "vicuna_tiny.jsonl"), "--out", str(tmp_path / "a.jsonl")])
-    assert e.value.code == 2
-    assert "runs in a single process" in capsys.readouterr().err
-
-
 def _write_result(path, label, task, metrics, variant=None):
     res = {"task": task, "label": label, "metrics": metrics}
     if variant:

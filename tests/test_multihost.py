@@ -10,7 +10,8 @@ gloo collectives) against the same work done by this single test process (8 fake
     make different numbers of batches: the stage must not hang.
 (c) eval scoring (``dj.eval.loglikelihoods``, shared preamble): every host runs the same call
     and gets every score, equal to the single-process scores within 1e-5; and the eval CLI
-    (TruthfulQA MC) gives the single-process result, written and printed by process 0 only.
+    (TruthfulQA MC, and sampled answers that each host generates a share of) gives the
+    single-process results, written and printed by process 0 only.
 Logs and progress bars appear only on process 0.
 
 The worker is this file run as a script: ``python tests/test_multihost.py worker OUT TOKENIZER``.
@@ -136,7 +137,7 @@ def score_pairs() -> np.ndarray:
     return np.asarray([ll for ll, _ in out] + [float(g) for _, g in out])
 
 
-EVAL_DATA = os.path.join(ROOT, "tests", "data", "eval", "truthfulqa_tiny.json")
+EVAL_DIR = os.path.join(ROOT, "tests", "data", "eval")
 
 
 def save_eval_model(out_dir: str) -> str:
@@ -152,13 +153,19 @@ def save_eval_model(out_dir: str) -> str:
     return path
 
 
-def eval_cli(model_dir: str, tokenizer_path: str, out: str) -> None:
-    """``python -m dromedary_jax.eval --task truthfulqa_mc`` on the mesh."""
+def eval_cli(model_dir: str, tokenizer_path: str, out_dir: str) -> None:
+    """``python -m dromedary_jax.eval`` on the mesh: TruthfulQA MC into ``tqa.json``, and
+    sampled open-ended answers (one two-turn question among them) into ``answers.jsonl``."""
     from dromedary_jax.eval.__main__ import main
 
-    main(["--model", model_dir, "--tokenizer", tokenizer_path, "--task", "truthfulqa_mc",
-          "--data", EVAL_DATA, "--mesh", ",".join(map(str, MESH)), "--batch-size", "4",
-          "--out", out])
+    common = ["--model", model_dir, "--tokenizer", tokenizer_path,
+              "--mesh", ",".join(map(str, MESH)), "--batch-size", "4"]
+    main(common + ["--task", "truthfulqa_mc", "--data", os.path.join(EVAL_DIR, "truthfulqa_tiny.json"),
+                   "--out", os.path.join(out_dir, "tqa.json")])
+    main(common + ["--task", "answers", "--data", os.path.join(EVAL_DIR, "vicuna_tiny.jsonl"),
+                   "--meta-prompt", os.path.join(EVAL_DIR, "meta_prompt.txt"),
+                   "--max-new-tokens", "6", "--temperature", "1.0", "--seed", "3",
+                   "--out", os.path.join(out_dir, "answers.jsonl")])
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -181,8 +188,7 @@ def worker(out_dir: str, tokenizer_path: str) -> None:
         np.savez(os.path.join(out_dir, "lora.npz"), **lora)
     scores = score_pairs()
     np.save(os.path.join(out_dir, f"scores{jax.process_index()}.npy"), scores)
-    eval_cli(os.path.join(out_dir, "eval_model"), tokenizer_path,
-             os.path.join(out_dir, "tqa.json"))
+    eval_cli(os.path.join(out_dir, "eval_model"), tokenizer_path, out_dir)
     counts = self_align(os.path.join(out_dir, "pipe"), tokenizer_path)
     print(f"process {jax.process_index()} done: {counts['self_align']['generated']} generated",
           flush=True)
@@ -251,7 +257,7 @@ def test_two_processes_match_one(tmp_path):
         assert jax.process_count() == 1 and jax.device_count() >= 8
         ref_lora = train_and_resume(str(single / "train"), str(single / "sft.jsonl"), tok_path)
         ref_scores = score_pairs()
-        eval_cli(model_dir, tok_path, str(single / "tqa.json"))
+        eval_cli(model_dir, tok_path, str(single))
         ref_counts = self_align(str(single / "pipe"), tok_path)
     finally:
         logs = _wait(procs, str(multi))
@@ -289,6 +295,12 @@ def test_two_processes_match_one(tmp_path):
     for g, r in zip(got["per_example"], ref["per_example"]):
         assert g["mc1"] == r["mc1"] and abs(g["mc2"] - r["mc2"]) < 1e-5
     assert '"mc1"' in logs[0] and '"mc1"' not in logs[1]
+    # ... answers: each host sampled its share; the gathered records equal one process's
+    answers = [[{k: v for k, v in json.loads(line).items() if k != "tstamp"}
+                for line in open(d / "answers.jsonl")] for d in (multi, single)]
+    assert answers[0] == answers[1] and len(answers[0]) == 3
+    assert any(len(a["choices"][0]["turns"]) == 2 for a in answers[0])
+    assert '"answers": 3' in logs[0] and '"answers"' not in logs[1]
 
     # logs and progress bars only on process 0
     assert "== stage self_align" in logs[0] and "== stage self_align" not in logs[1]

@@ -9,11 +9,10 @@ truthfulqa_mc / hhh print one JSON line of metrics and, with ``--out``, write th
 answer JSONL to ``--out`` (required). ``compare`` writes ``DIR/comparison.md`` and
 ``DIR/comparison.png``. Bad input prints one ``error: ...`` line and exits with status 2.
 
-truthfulqa_mc and hhh also run multi-host (a model sharded over several processes): start the
-same command on every host with ``DROMEDARY_DISTRIBUTED=auto`` (TPU pods) or
-``DROMEDARY_COORDINATOR`` / ``DROMEDARY_NUM_PROCESSES`` / ``DROMEDARY_PROCESS_ID``, and a
-``--mesh`` over all devices; process 0 prints the metrics and writes ``--out``. ``answers`` runs in
-one process.
+Every task also runs multi-host (a model sharded over several processes): start the same
+command on every host with ``DROMEDARY_DISTRIBUTED=auto`` (TPU pods) or ``DROMEDARY_COORDINATOR``
+/ ``DROMEDARY_NUM_PROCESSES`` / ``DROMEDARY_PROCESS_ID``, and a ``--mesh`` over all devices;
+process 0 prints and writes ``--out``.
 """
 from __future__ import annotations
 
@@ -112,15 +111,11 @@ def run_eval(args) -> dict:
                 if args.preamble_file else ev.QA_PREAMBLE)
     mesh = _parse_mesh(args.mesh)
     # Multi-host (DROMEDARY_DISTRIBUTED=auto on a TPU pod, or DROMEDARY_COORDINATOR & co.): every
-    # process runs the same scoring calls over the mesh and gets every score; process 0 prints
-    # and writes.
+    # process runs the same scoring calls over the mesh and gets every score, or answers its
+    # share of the questions and gets every answer; process 0 prints and writes.
     from dromedary_jax.distributed import maybe_initialize
 
-    multi = maybe_initialize()
-    if multi and args.task == "answers":
-        raise UserError("--task answers runs in a single process (the sampler gives each "
-                        "process its own questions); run it on one host, or generate on a pod "
-                        "with the pipeline's stages")
+    maybe_initialize()
     import jax
 
     lead = jax.process_index() == 0
@@ -147,8 +142,9 @@ def run_eval(args) -> dict:
             model, tokenizer, records, meta_prompt=meta, model_id=args.model_id or label,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             seed=args.seed, batch_size=args.batch_size, share_meta_prompt=args.share_meta_prompt)
-        ev.write_answers(answers, args.out)
-        print(json.dumps({"task": "answers", "answers": len(answers), "out": args.out}))
+        if lead:
+            ev.write_answers(answers, args.out)
+            print(json.dumps({"task": "answers", "answers": len(answers), "out": args.out}))
         return result
     result["settings"].pop("progress", None)
     if not lead:

@@ -30,6 +30,9 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
+
+from dromedary_jax.distributed import allgather_texts
 from dromedary_jax.errors import UserError
 from dromedary_jax.eval.data import read_json_or_jsonl
 
@@ -94,7 +97,8 @@ def answer_questions(model, tokenizer, questions: Sequence[Mapping], *, meta_pro
                      user: str = "### User", assistant: str = "### Dromedary",
                      stop: Sequence[str] | None = None, batch_size: int = 32,
                      share_meta_prompt: bool = False, generate_text=None) -> list[dict]:
-    """FastChat answer records, one per question (see module doc).
+    """FastChat answer records, one per question (see module doc). Multi-host: every process
+    calls this with all the questions, answers its share and returns all the records.
 
     ``generate_text`` defaults to :func:`dromedary_jax.generate_text`; randomness per (seed,
     question index, turn), so answers do not depend on batching. ``share_meta_prompt``: prefill
@@ -107,19 +111,28 @@ def answer_questions(model, tokenizer, questions: Sequence[Mapping], *, meta_pro
     stop = tuple(stop) if stop is not None else (user,)
     answers: list[list[str]] = [[] for _ in questions]
     n_turns = max(len(q["turns"]) for q in questions)
+    # Multi-host: each process answers every procs-th question of a turn, and the answers are
+    # gathered so that every process holds all of them (the next turn's prompts need them).
+    procs, pid = jax.process_count(), jax.process_index()
+    head = split_prompt(meta_prompt, [], [], user=user, assistant=assistant)[0]
     for turn in range(n_turns):
-        todo = [i for i, q in enumerate(questions) if len(q["turns"]) > turn]
+        todo_all = [i for i, q in enumerate(questions) if len(q["turns"]) > turn]
+        todo = todo_all[pid::procs]
         parts = [split_prompt(meta_prompt, questions[i]["turns"], answers[i], user=user,
                               assistant=assistant) for i in todo]
         kw = {}
-        if share_meta_prompt and parts[0][0]:
-            prompts, kw["shared_prefix"] = [conv for _, conv in parts], parts[0][0]
+        if share_meta_prompt and head:
+            prompts, kw["shared_prefix"] = [conv for _, conv in parts], head
         else:
             prompts = [head + conv for head, conv in parts]
         outs = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
                              seed=seed, ids=[i * n_turns + turn for i in todo],
                              batch_size=batch_size, **kw)
+        if procs > 1:
+            texts = allgather_texts(list(outs))
+            todo = [i for p in range(procs) for i in todo_all[p::procs]]
+            outs = [t for p in range(procs) for t in texts[p]]
         for i, text in zip(todo, outs):
             answers[i].append(text.strip())
     now = time.time()
