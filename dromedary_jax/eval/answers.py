@@ -124,7 +124,7 @@ def answer_questions(model, tokenizer, questions: Sequence[Mapping], *, meta_pro
         if share_meta_prompt and head:
             prompts, kw["shared_prefix"] = [conv for _, conv in parts], head
         else:
-            prompts = [head + conv for head, conv in parts]
+            prompts = [h + conv for h, conv in parts]
         outs = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
                              seed=seed, ids=[i * n_turns + turn for i in todo],
