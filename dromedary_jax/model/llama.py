@@ -112,6 +112,22 @@ def embed_tokens(params, tokens: jax.Array, dtype, mesh=None) -> jax.Array:
     return shd.constrain(x, ("batch", "length", "act_embed"), mesh)
 
 
+def prefix_mask(positions: jax.Array, segment_ids: jax.Array, prefix) -> jax.Array:
+    """bool [B, T, P]: which keys of a shared prefix (pos/seg [1, P]) each query attends."""
+    B, P = positions.shape[0], prefix["seg"].shape[1]
+    return attention_mask(positions, segment_ids, jnp.broadcast_to(prefix["pos"], (B, P)),
+                          jnp.broadcast_to(prefix["seg"], (B, P)))
+
+
+def cache_step_mask(positions: jax.Array, segment_ids: jax.Array, cache, cache_index):
+    """A step that writes its T tokens into ``cache`` at ``cache_index``: (the index as an int32
+    scalar, the cache's new pos and seg [B, S], the step's mask over the cache bool [B, T, S])."""
+    idx = jnp.asarray(cache_index, jnp.int32)
+    kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
+    kv_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
+    return idx, kv_pos, kv_seg, attention_mask(positions, segment_ids, kv_pos, kv_seg)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
@@ -208,15 +224,10 @@ def forward(
         raise ValueError("forward: a shared prefix needs a cache")
     pmask = prefix_kv = None
     if prefix is not None:
-        P = prefix["seg"].shape[1]
-        pmask = attention_mask(positions, segment_ids, jnp.broadcast_to(prefix["pos"], (B, P)),
-                               jnp.broadcast_to(prefix["seg"], (B, P)))
+        pmask = prefix_mask(positions, segment_ids, prefix)
         prefix_kv = (prefix["k"], prefix["v"])
     if cache is not None:
-        idx = jnp.asarray(cache_index, jnp.int32)
-        kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
-        kv_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
-        mask = attention_mask(positions, segment_ids, kv_pos, kv_seg)
+        idx, kv_pos, kv_seg, mask = cache_step_mask(positions, segment_ids, cache, cache_index)
         cache_k, cache_v = cache["k"], cache["v"]
     else:
         idx = None

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
-from dromedary_jax.model.attention import attend_cached, attention_mask
-from dromedary_jax.model.llama import embed_tokens, matmul, rms_norm, unembed
+from dromedary_jax.model.attention import attend_cached
+from dromedary_jax.model.llama import (cache_step_mask, embed_tokens, matmul, prefix_mask,
+                                       rms_norm, unembed)
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 
@@ -64,27 +65,6 @@ def unstack_layers(params, config: ModelConfig, prefix=None, batch: int = 1) -> 
     return jax.lax.optimization_barrier(out)  # keep the copies out of the loop
 
 
-def _step_inputs(params, c: ModelConfig, tokens, positions, segment_ids, cache, cache_index,
-                 prefix, mesh):
-    """What both step functions start from: embedded tokens, RoPE tables, the updated cache
-    positions/segments, the row-cache mask and (with a prefix) the prefix mask."""
-    B = tokens.shape[0]
-    positions = positions.astype(jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
-    x = embed_tokens(params, tokens, jnp.dtype(c.dtype), mesh)
-    cos, sin = rope_tables(positions, inverse_frequencies(c))
-    idx = jnp.asarray(cache_index, jnp.int32)
-    kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
-    kv_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
-    mask = attention_mask(positions, segment_ids, kv_pos, kv_seg)
-    pmask = None
-    if prefix is not None:
-        P = prefix["seg"].shape[1]
-        pmask = attention_mask(positions, segment_ids, jnp.broadcast_to(prefix["pos"], (B, P)),
-                               jnp.broadcast_to(prefix["seg"], (B, P)))
-    return x, cos, sin, idx, kv_pos, kv_seg, mask, pmask
-
-
 # ----------------------------------------------------------------------------- CPU decode path
 def split_cache(cache, config: ModelConfig):
     """[L, B, S, KV, hd] cache -> per-layer (k, v) in [B, KV, S, hd] (attention needs no
@@ -111,8 +91,12 @@ def forward_unstacked(params, weights, config: ModelConfig, tokens, *, positions
     dtype = jnp.dtype(c.dtype)
     B, T = tokens.shape
     H, KV = c.num_heads, c.num_kv_heads
-    x, cos, sin, idx, kv_pos, kv_seg, mask, pmask = _step_inputs(
-        params, c, tokens, positions, segment_ids, cache, cache_index, prefix, mesh)
+    positions = positions.astype(jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    x = embed_tokens(params, tokens, dtype, mesh)
+    cos, sin = rope_tables(positions, inverse_frequencies(c))
+    idx, kv_pos, kv_seg, mask = cache_step_mask(positions, segment_ids, cache, cache_index)
+    pmask = None if prefix is None else prefix_mask(positions, segment_ids, prefix)
     new_layers = []
     hd = c.head_dim
     for p, (ck, cv) in zip(weights["layers"], cache["layers"]):
