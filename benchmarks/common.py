@@ -39,14 +39,7 @@ def bench_models(seed: int = 0, **overrides):
 
 def timeit(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall seconds of fn() over repeats (fn must block until done)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return timeit_interleaved([fn], repeats, warmup)[0]
 
 
 def timeit_interleaved(fns, repeats: int = 5, warmup: int = 1) -> list[float]:
