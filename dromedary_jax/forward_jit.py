@@ -54,7 +54,7 @@ class ForwardJit:
 
     A top-level call or ``.lower`` goes to the oneDNN one when :func:`onednn_enabled` and
     ``onednn_when(*args, **kwargs)`` are both true. A call inside another trace (jit,
-    eval_shape, grad) always goes to the plain one, because compiler options only apply to a
+    ``jax.eval_shape``, grad) always goes to the plain one, because compiler options only apply to a
     top-level jit. Each wrapper keeps its own compile cache."""
 
     def __init__(self, fun: Callable, onednn_when: Callable[..., bool], **jit_kwargs):
@@ -77,9 +77,6 @@ class ForwardJit:
 
     def lower(self, *args, **kwargs):
         return self._pick(args, kwargs).lower(*args, **kwargs)
-
-    def eval_shape(self, *args, **kwargs):
-        return self._plain.eval_shape(*args, **kwargs)
 
 
 def forward_jit(*, onednn_when: Callable[..., bool], **jit_kwargs):
