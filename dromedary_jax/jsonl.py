@@ -1,8 +1,9 @@
 """Reading JSON records from files, with one-line UserErrors that name the file and line.
 
 Every reader of user-supplied record files (pipeline inputs, training data, evaluation sets) goes
-through these two functions, so a bad line is reported the same way everywhere:
-``<file>:<line>: malformed JSON line (<reason> at column <n>)``.
+through these functions, so a bad line is reported the same way everywhere:
+``<file>:<line>: malformed JSON line (<reason> at column <n>)`` (``malformed JSON`` for a file
+that holds one JSON document).
 (The pipeline's own append-only shards have their own reader in ``pipeline/records.py``: there a
 cut-short LAST line is expected after a kill and skipped.)
 """
@@ -15,8 +16,21 @@ from typing import Any, Iterator
 from dromedary_jax.errors import UserError
 
 
-def _malformed(where: str, e: json.JSONDecodeError) -> UserError:
-    return UserError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})")
+def _malformed(where: str, e: json.JSONDecodeError, what: str = "JSON line") -> UserError:
+    return UserError(f"{where}: malformed {what} ({e.msg} at column {e.colno})")
+
+
+def read_json(path: str, note: str = "") -> Any:
+    """One JSON document from a file (e.g. a BIG-bench ``task.json``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}{note}: file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _malformed(f"{path}:{e.lineno}{note}", e, "JSON") from None
 
 
 def iter_jsonl(path: str, note: str = "") -> Iterator[tuple[str, Any]]:
@@ -42,12 +56,9 @@ def read_records(path: str, note: str = "", objects: bool = False) -> list[Any]:
     if not os.path.isfile(path):
         raise UserError(f"{path}{note}: file not found")
     with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("[") or path.endswith(".json"):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _malformed(f"{path}:{e.lineno}{note}", e) from None
+        starts_with_list = f.read(4096).lstrip().startswith("[")
+    if starts_with_list or path.endswith(".json"):
+        rows = read_json(path, note)
         if not isinstance(rows, list):
             raise UserError(f"{path}{note}: expected a JSON list of records (or a .jsonl file "
                             f"with one record a line), got {type(rows).__name__}")

@@ -8,11 +8,11 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_json
 
 
 class Tokenizer:
@@ -110,8 +110,7 @@ def _special_from_config(folder: str) -> dict:
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_json(path)
     out = {}
     for key in ("bos_token", "eos_token", "pad_token"):
         v = cfg.get(key)

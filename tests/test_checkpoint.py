@@ -325,6 +325,16 @@ def test_cli_missing_config_json(hf_saved, tmp_path):
     _one_error_line(_run_cli("--src", bad, "--dst", str(tmp_path / "o")), "no config.json")
 
 
+def test_malformed_config_json_names_file_and_line(hf_saved, tmp_path):
+    folder, _ = hf_saved("mha")
+    bad = str(tmp_path / "badconfig")
+    shutil.copytree(folder, bad)
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        f.write('{\n  "hidden_size": 64,\n  "num_hidden_layers": \n}')
+    with pytest.raises(UserError, match=r"badconfig/config\.json:4: malformed JSON \("):
+        load_model(bad)
+
+
 def test_cli_shape_mismatch(hf_saved, tmp_path):
     folder, _ = hf_saved("mha")
     bad = _bad_shape_folder(folder, str(tmp_path / "bad"))

@@ -334,6 +334,12 @@ def test_other_bad_inputs(tmp_path):
         load_hhh(str(tmp_path / "task.json"))
     with pytest.raises(UserError, match="no task.json with 'examples'"):
         load_hhh(str(_empty(tmp_path)))
+    broken = tmp_path / "suite" / "harmless"
+    broken.mkdir(parents=True)
+    (broken / "task.json").write_text('{"examples": [\n  {"input": "x",}\n]}')
+    for where in (broken / "task.json", tmp_path / "suite"):  # the file, and a folder holding it
+        with pytest.raises(UserError, match=r"harmless/task\.json:2: malformed JSON \("):
+            load_hhh(str(where))
     (tmp_path / "q.jsonl").write_text('{"question_id": 1, "turns": []}\n')
     with pytest.raises(UserError, match=r"q.jsonl: record 0: 'turns'"):
         load_questions(str(tmp_path / "q.jsonl"))

@@ -22,7 +22,7 @@ def test_jsonl_and_json_list_give_the_same_records(tmp_path):
 
 @pytest.mark.parametrize("name,text,kw,match", [
     ("r.jsonl", '{"a": 1}\n{"a": 2\n', {}, r"r\.jsonl:2 \(config\.x\): malformed JSON line"),
-    ("r.json", '[{"a": 1},\n {"a": ]', {}, r"r\.json:2 \(config\.x\): malformed JSON line"),
+    ("r.json", '[{"a": 1},\n {"a": ]', {}, r"r\.json:2 \(config\.x\): malformed JSON \("),
     ("r.json", '{"a": 1}', {}, r"expected a JSON list of records"),
     ("r.jsonl", '{"a": 1}\n[1]\n', {"objects": True}, r"record 2 is not a JSON object"),
 ])

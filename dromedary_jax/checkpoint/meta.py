@@ -18,7 +18,6 @@ torch comes with the ``convert`` extra only.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from dromedary_jax.checkpoint.hf import build_params
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_json
 from dromedary_jax.model.config import ModelConfig
 
 PARAMS_FILE = "params.json"
@@ -157,12 +157,7 @@ class MetaSource:
 
 
 def _read_params_json(path: str) -> dict:
-    fp = os.path.join(path, PARAMS_FILE)
-    try:
-        with open(fp) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise UserError(f"{fp}: not valid JSON ({e})") from None
+    return read_json(os.path.join(path, PARAMS_FILE))
 
 
 def _vocab_size(path: str, params: dict, vocab_size: int | None, src: MetaSource) -> int | None:

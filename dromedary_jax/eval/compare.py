@@ -8,21 +8,17 @@ Rows are checkpoints (``label``, else the model path's last part); columns are
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping, Sequence
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_json
 
 
 def load_result(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{path}: result file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            res = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    res = read_json(path)
     if not isinstance(res, Mapping) or not isinstance(res.get("metrics"), Mapping) \
             or "task" not in res:
         raise UserError(f"{path}: not an eval result (needs 'task' and a 'metrics' object; "

@@ -24,13 +24,13 @@ task.json`` and the file name otherwise. A folder is searched recursively for su
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_json
 from dromedary_jax.eval.scorer import encode_pair, loglikelihoods
 
 SUBSETS = ("harmless", "helpful", "honest", "other")
@@ -64,12 +64,8 @@ def _subset_name(path: str) -> str:
     return os.path.splitext(base)[0].lower()
 
 
-def _load_task_file(path: str) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            task = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+def _load_task_file(path: str, task: Any = None) -> list[dict]:
+    task = read_json(path) if task is None else task
     if not isinstance(task, Mapping) or not isinstance(task.get("examples"), list):
         raise UserError(f"{path}: expected a BIG-bench task.json with an 'examples' list")
     fmt = {k: task.get(k, v) for k, v in FORMAT_DEFAULTS.items()}
@@ -89,13 +85,9 @@ def load_hhh(path: str) -> list[dict]:
         raise UserError(f"{path}: no such file or folder (expected BIG-bench HHH task.json files)")
     records = []
     for f in sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True)):
-        with open(f, encoding="utf-8") as fh:
-            try:
-                task = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+        task = read_json(f)
         if isinstance(task, Mapping) and "examples" in task:
-            records += _load_task_file(f)
+            records += _load_task_file(f, task)
     if not records:
         raise UserError(f"{path}: no task.json with 'examples' found in this folder")
     return records

@@ -6,11 +6,11 @@ A config can be built from a preset name, from a Hugging Face ``config.json`` or
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,5 +266,4 @@ def load_hf_config(path: str) -> dict[str, Any]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path}: no config.json (expected a Hugging Face model folder)")
-    with open(cfg_path) as f:
-        return json.load(f)
+    return read_json(cfg_path)
