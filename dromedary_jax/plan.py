@@ -441,7 +441,7 @@ def _define_flags():
 
 
 def _entry() -> None:
-    from dromedary_jax.errors import cli_main
+    from dromedary_jax.errors import cli_main, parse_flags
 
     n = _devices_from_argv(sys.argv[1:])
     ensure_fake_devices(n if n is not None else 8)
@@ -452,11 +452,9 @@ def _entry() -> None:
 
         from absl import app
 
-        from dromedary_jax.run import _parse_flags
-
         _define_flags()
         logging.getLogger("absl").setLevel(logging.WARNING)
-        app.run(cli_main(main), argv=sys.argv, flags_parser=_parse_flags)
+        app.run(cli_main(main), argv=sys.argv, flags_parser=parse_flags)
 
     go()
 

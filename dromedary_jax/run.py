@@ -18,7 +18,7 @@ import importlib
 import logging
 import sys
 
-from dromedary_jax.errors import UserError, cli_main
+from dromedary_jax.errors import UserError, cli_main, parse_flags
 
 STAGES: dict[str, str] = {
     "self_instruct": "dromedary_jax.pipeline.self_instruct:run",
@@ -98,12 +98,7 @@ def main(argv) -> None:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / jax chatter; ours stays INFO
     FLAGS = flags.FLAGS
-    try:
-        config = FLAGS.config
-        if config is not None:
-            config.keys()  # config_flags defers file-loading errors to the first access
-    except OSError as e:
-        raise UserError(f"--config: {' '.join(str(e).split())}") from None
+    config = FLAGS.config
     if config is None:
         raise UserError("--config is required (an ml_collections config file, e.g. configs/demo.py)")
     if FLAGS.dry_run:
@@ -144,32 +139,13 @@ def _define_flags():
                          "(default: the devices visible here)")
 
 
-def _parse_flags(argv):
-    """absl flag parsing, with config-file and ``--config.x=y`` override errors as UserErrors."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-        msg = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-        raise UserError(msg) from None
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        msg = str(e).strip().strip("\"'")
-        overrides = [a for a in argv if a.startswith("--config.")]
-        named = [a for a in overrides if msg.split("'")[0] and msg.split("'")[0] in a] or overrides
-        where = f" ({', '.join(named)})" if named else ""
-        raise UserError(f"bad config file or override{where}: {type(e).__name__}: "
-                        f"{' '.join(msg.split())}") from None
-
-
 @cli_main
 def _entry() -> None:
     from absl import app
 
     _define_flags()
     logging.getLogger("dromedary_jax").setLevel(logging.INFO)
-    app.run(cli_main(main), argv=sys.argv, flags_parser=_parse_flags)
+    app.run(cli_main(main), argv=sys.argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dromedary_jax.errors import UserError, cli_main
+from dromedary_jax.errors import UserError, cli_main, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tune config file (.py)",
                                           lock_config=False)
@@ -101,5 +101,10 @@ def main(argv):
         print(msg, flush=True)
 
 
+@cli_main
+def _entry() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    _entry()

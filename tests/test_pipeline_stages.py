@@ -255,8 +255,12 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
     assert len(err) == 1 and "config.self_align" in err[0], p.stderr[-2000:]
     p = _cli(str(tmp_path), "--stages", "nope", check=False)
     assert p.returncode == 2 and "error: --stages: unknown stage" in p.stderr
-    p = _cli(str(tmp_path), "--config.self_align.no_such_key=1", check=False)
-    assert p.returncode == 2 and "error: bad config file or override (--config.self_align.no_such_key=1)" in p.stderr
+    p = _cli(str(tmp_path), "--config.self_align.temprature=1", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert ('error: config.self_align.temprature: unknown key (Did you mean "temperature"'
+            in p.stderr), p.stderr[-2000:]
+    p = _cli(str(tmp_path), "--config.no_section.x=1", check=False)
+    assert p.returncode == 2 and "error: config.no_section: unknown key" in p.stderr
     assert "Traceback" not in p.stderr
 
 

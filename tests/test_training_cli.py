@@ -118,3 +118,19 @@ def test_cli_bad_input_is_one_error_line(tmp_path, sp_model_path):
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and f"{bad}:2: malformed JSON" in lines[-1]
     assert not any("Traceback" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--config.train.learnign_rate=1", 'error: config.train.learnign_rate: unknown key (Did you '
+                                       'mean "learning_rate"'),
+    ("--config.train.learning_rate=fast", "error: flag --config.train.learning_rate=fast: could "
+                                          "not convert string to float"),
+    ("--config=configs/no_such_file.py", "error: --config: "),
+])
+def test_cli_bad_flags_are_one_error_line(tmp_path, arg, message):
+    args, env = cli(tmp_path / "w", "unused.jsonl", "unused.model", tmp_path / "cache", arg)
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert lines[-1].startswith(message), lines[-1]
+    assert not any("Traceback" in ln for ln in lines)
