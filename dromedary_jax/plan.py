@@ -359,10 +359,9 @@ def run_plan(config, *, devices: int, mesh_shape=None, modes=MODES, stage: str =
         raise UserError(f"config.model: {origin}")
     if devices > jax.device_count():
         raise UserError(f"--devices={devices} but JAX sees only {jax.device_count()} devices")
-    overrides = {"dtype": config.model.dtype}
-    if remat:
-        overrides["remat"] = remat
-    c = c.replace(**overrides)
+    # the run's remat policy (config.model.remat, as pipeline/resources.py applies it) unless
+    # --remat overrides it
+    c = c.replace(dtype=config.model.dtype, remat=remat or config.model.remat)
     shape = tuple(mesh_shape or config.model.get("mesh") or config[stage].train.mesh.shape
                   or (1, -1, 1))
     mesh = make_mesh(shape, jax.devices()[:devices])
@@ -430,7 +429,8 @@ def _define_flags():
                         "check against and peak FLOP/s for step times")
     flags.DEFINE_string("stage", "engrave", "the fine-tune section whose batch / length / LoRA "
                         "settings the training step uses (engrave | verbose_clone)")
-    flags.DEFINE_string("remat", "", "override the model's remat policy (none | full | dots)")
+    flags.DEFINE_string("remat", "", "remat policy to plan with (none | full | dots; default: "
+                        "the config's model.remat)")
     flags.DEFINE_integer("decode_batch", 0, "decode batch (default: config.model.batch_size)")
     flags.DEFINE_integer("prefix_len", 1792, "tokens of the shared principle prompt (~1.8k in the "
                          "paper)")

@@ -91,11 +91,12 @@ def test_cli_sets_device_count_before_jax(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "dromedary_jax.plan", "--config", "configs/demo.py:smoke",
          "--devices", "4", "--mesh", "1,-1,2", "--mode", "lora", "--accelerator", "h100",
-         "--noexact_flops"],
+         "--noexact_flops", "--config.model.remat=full"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "planning on 4 simulated devices (4 visible" in out.stdout
     assert "train/lora on mesh {'data': 1, 'fsdp': 2, 'tensor': 2} (4 devices)" in out.stdout
+    assert "remat full" in out.stdout  # the config's model.remat (no --remat flag given)
     assert "h100 (80 GiB per device): FITS" in out.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "dromedary_jax.plan", "--config", "configs/demo.py:smoke",
