@@ -10,6 +10,18 @@ class UserError(Exception):
     """Bad input or config: the message alone says what is wrong and how to fix it."""
 
 
+def check_workdir(workdir: str | None) -> str:
+    """A run's output folder: required, and a filesystem path (records, checkpoints and reports
+    are written with plain file I/O, and every host of a multi-host run must see the same
+    folder: mount a bucket or share, e.g. with gcsfuse or Filestore)."""
+    if not workdir:
+        raise UserError("--workdir is required")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+        raise UserError(f"--workdir {workdir}: URLs are not supported; mount the bucket or share "
+                        f"on every host (e.g. gcsfuse, Filestore) and pass the mounted path")
+    return workdir
+
+
 def cli_main(fn):
     """Wrap a CLI ``main``: a UserError becomes ``error: <message>`` on stderr and exit code 2."""
 

@@ -18,7 +18,7 @@ import importlib
 import logging
 import sys
 
-from dromedary_jax.errors import UserError, cli_main, parse_flags
+from dromedary_jax.errors import UserError, check_workdir, cli_main, parse_flags
 
 STAGES: dict[str, str] = {
     "self_instruct": "dromedary_jax.pipeline.self_instruct:run",
@@ -68,8 +68,7 @@ def run_stages(config, workdir: str, stages=None, resources=None, report: bool =
     from dromedary_jax.pipeline.records import stage_done
     from dromedary_jax.pipeline.resources import Resources
 
-    if not workdir:
-        raise UserError("--workdir is required")
+    check_workdir(workdir)
     config = complete(config)
     selected = select_stages(stages or list(config.stages))
     check_order(config, workdir, selected)

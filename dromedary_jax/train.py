@@ -18,7 +18,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dromedary_jax.errors import UserError, cli_main, parse_flags
+from dromedary_jax.errors import UserError, check_workdir, cli_main, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tune config file (.py)",
                                           lock_config=False)
@@ -70,8 +70,7 @@ def main(argv):
     workdir = _WORKDIR.value
     if cfg is None:
         raise UserError("--config is required (e.g. --config configs/sft_tiny.py)")
-    if not workdir:
-        raise UserError("--workdir is required")
+    check_workdir(workdir)
     from dromedary_jax import sharding as shd
     from dromedary_jax.distributed import maybe_initialize
     from dromedary_jax.tokenizer import load_tokenizer

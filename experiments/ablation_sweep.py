@@ -40,8 +40,11 @@ def commands(base: str, root: str, only, stages, launcher: str) -> list[tuple[st
         if only and name not in only and arg not in only:
             continue
         cfg_arg = ",".join(x for x in (f"base={base}", arg.replace(" ", "_")) if x)
+        # through a launcher the command runs elsewhere (e.g. on TPU workers): name the remote
+        # python3, not this machine's interpreter
+        python = "python3" if launcher else sys.executable
         cmd = shlex.split(launcher) + [
-            sys.executable, "-m", "dromedary_jax.run", "--config", f"configs/ablation.py:{cfg_arg}",
+            python, "-m", "dromedary_jax.run", "--config", f"configs/ablation.py:{cfg_arg}",
             "--workdir", os.path.join(root, name)]
         if stages:
             cmd += ["--stages", stages]

@@ -37,6 +37,12 @@ def test_launch_dry_run_prints_gcloud_commands():
     assert any("tpu-vm scp" in ln and "--worker=all" in ln for ln in lines)
 
 
+def test_launch_help_is_the_usage_comment():
+    res = subprocess.run(["bash", LAUNCH, "--help"], capture_output=True, text=True, check=True)
+    assert res.stdout.startswith("Launch a dromedary_jax command on every worker")
+    assert "--dry_run" in res.stdout and "set -euo" not in res.stdout
+
+
 def test_launch_bad_arguments_one_line_error():
     res = subprocess.run(["bash", LAUNCH, "--zone", "z", "--", "true"], capture_output=True, text=True)
     assert res.returncode == 2

@@ -175,3 +175,10 @@ def test_ablation_sweep_dry_run_lists_every_run(tmp_path):
                           "--dry_run"], cwd=ROOT, capture_output=True, text=True, check=True)
     cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
     assert len(cmds) == 18 and "drop=candor" in res.stdout and "no_exemplars" in res.stdout
+    assert all(sys.executable in ln for ln in cmds)  # local runs: this interpreter
+    res = subprocess.run([sys.executable, "experiments/ablation_sweep.py", "--root", "/mnt/sweep",
+                          "--only", "control", "--launcher", "experiments/tpu/launch.sh --name x "
+                          "--zone z --accelerator v4-8 --", "--dry_run"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    (cmd,) = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
+    assert "--accelerator v4-8 -- python3 -m dromedary_jax.run" in cmd and sys.executable not in cmd

@@ -126,6 +126,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, sp_model_path):
     ("--config.train.learning_rate=fast", "error: flag --config.train.learning_rate=fast: could "
                                           "not convert string to float"),
     ("--config=configs/no_such_file.py", "error: --config: "),
+    ("--workdir=gs://bucket/run1", "error: --workdir gs://bucket/run1: URLs are not supported"),
 ])
 def test_cli_bad_flags_are_one_error_line(tmp_path, arg, message):
     args, env = cli(tmp_path / "w", "unused.jsonl", "unused.model", tmp_path / "cache", arg)

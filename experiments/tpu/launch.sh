@@ -3,7 +3,7 @@
 #
 #   experiments/tpu/launch.sh --name dromedary --zone us-central2-b --accelerator v4-256 \
 #       [--project P] [--version tpu-ubuntu2204-base] [--spot] [--dry_run] \
-#       -- python -m dromedary_jax.run --config configs/dromedary_65b.py --workdir gs://bucket/run1
+#       -- python -m dromedary_jax.run --config configs/dromedary_65b.py --workdir /mnt/runs/run1
 #
 # 1. creates the TPU VM / slice if it does not exist (reuses it otherwise),
 # 2. copies this checkout (git archive of HEAD plus uncommitted changes) to every worker and
@@ -11,7 +11,8 @@
 # 3. runs the command after `--` on all workers at once (--worker=all); every worker runs the
 #    same program and jax.distributed initialises itself from the TPU environment
 #    (DROMEDARY_DISTRIBUTED=auto is read by dromedary_jax.distributed).
-# With --dry_run the gcloud commands are printed, not run.
+# With --dry_run the gcloud commands are printed, not run. --workdir must be a folder every
+# worker sees (a Filestore share or a gcsfuse-mounted bucket), not a gs:// URL.
 set -euo pipefail
 
 NAME=""
@@ -24,7 +25,7 @@ DRY_RUN=0
 REMOTE_DIR="dromedary_jax"
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
