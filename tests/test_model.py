@@ -155,6 +155,28 @@ def test_bad_config_errors(bad, match):
         bad()
 
 
+@pytest.mark.parametrize("ids, match", [
+    ([1, 5, 6], r"shape \(3,\)"),                     # one prompt, not wrapped in a batch
+    ([[1, 5], [6]], "different lengths"),
+    ([[]], r"shape \(1, 0\)"),
+    ([], r"shape \(0,\)"),
+    ([[1.7, 5.9]], "float64 values"),
+    ([[1, 256]], r"outside \[0, 256\): min 1, max 256"),
+    ([[1, -1]], r"outside \[0, 256\): min -1"),
+])
+def test_logits_bad_input_ids(ids, match):
+    model = Llama(preset("tiny", vocab_size=256))
+    with pytest.raises(UserError, match=match):
+        logits(model, ids)
+
+
+def test_logits_warns_beyond_max_seq_len():
+    model = Llama(preset("tiny", vocab_size=256, max_seq_len=8))
+    with pytest.warns(UserWarning, match="more than the model's max_seq_len"):
+        out = logits(model, np.ones((1, 9), np.int64))
+    assert out.shape == (1, 9, 256)
+
+
 def test_place_params_on_mesh_roundtrip():
     cfg = preset("tiny-gqa")
     model = Llama(cfg)

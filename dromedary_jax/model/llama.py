@@ -15,6 +15,7 @@ non-zero segment and the key's position is not after the query's. Padding has se
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dromedary_jax import sharding as shd
+from dromedary_jax.errors import UserError
 from dromedary_jax.forward_jit import forward_jit
 from dromedary_jax.model.attention import attend, attend_cached, attention_mask
 from dromedary_jax.model.config import ModelConfig
@@ -390,11 +392,32 @@ def _logits_jit(params, tokens, config, mesh):
     return forward(params, config, tokens, mesh=mesh)[0]
 
 
+def token_batch(input_ids, config: ModelConfig) -> np.ndarray:
+    """``input_ids`` as int32 [B, T] after checking it is a non-empty rectangular batch of token
+    ids in ``[0, vocab_size)`` (UserError otherwise; a warning beyond ``max_seq_len``)."""
+    what = "input_ids must be a [batch, length] array of token ids (equal-length rows)"
+    try:
+        arr = np.asarray(input_ids)
+    except ValueError:  # ragged nested lists
+        raise UserError(f"{what}; the rows have different lengths") from None
+    if arr.ndim != 2 or arr.size == 0:
+        raise UserError(f"{what}; got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise UserError(f"{what}; got {arr.dtype} values")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise UserError(f"input_ids has token ids outside [0, {config.vocab_size}): "
+                        f"min {lo}, max {hi}")
+    if arr.shape[1] > config.max_seq_len:
+        warnings.warn(f"input_ids has {arr.shape[1]} tokens a row, more than the model's "
+                      f"max_seq_len ({config.max_seq_len})", stacklevel=3)
+    return arr.astype(np.int32)
+
+
 def logits(model: Llama, input_ids) -> np.ndarray:
-    """int32 [B, T] -> float32 numpy logits [B, T, vocab] (full causal attention, no padding)."""
-    tokens = jnp.asarray(np.asarray(input_ids, dtype=np.int32))
-    if tokens.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {tokens.shape}")
+    """int [B, T] token ids -> float32 numpy logits [B, T, vocab] (full causal attention, no
+    padding)."""
+    tokens = jnp.asarray(token_batch(input_ids, model.config))
     mesh = model.mesh
     if mesh is not None:
         tokens = jax.device_put(tokens, shd.named_sharding(mesh, ("batch", "length"), tokens.shape))
