@@ -418,3 +418,103 @@ def test_cli_end_to_end(hf_model, sp_model_path, tmp_path, capsys):
           str(tmp_path / "answers.jsonl")])
     answers = [json.loads(l) for l in open(tmp_path / "answers.jsonl")]
     assert [a["model_id"] for a in answers] == ["base"] * 3
+
+
+# ----------------------------------------------------------------------------- up-front checks
+def _cli_error(argv, capsys):
+    """Run the eval CLI in-process; the one ``error: ...`` line it exits 2 with."""
+    from dromedary_jax.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def _fake_model_dir(tmp_path, tokenizer=True):
+    """A folder detect_format takes for a Hugging Face model (never loaded by these tests)."""
+    d = tmp_path / "fake_model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    if tokenizer:
+        (d / "tokenizer.model").write_text("not read")
+    return d
+
+
+@pytest.mark.parametrize("task", ["truthfulqa_mc", "hhh", "answers"])
+def test_cli_out_is_checked_before_data_and_model(tmp_path, capsys, task):
+    # --data and --model do not exist: the --out check must come first (before any work).
+    base = ["--model", str(tmp_path / "nope"), "--task", task, "--data",
+            str(tmp_path / "missing.json")]
+    err = _cli_error(base + ["--out", str(tmp_path)], capsys)
+    assert err.startswith(f"error: --out {tmp_path}: is an existing folder")
+    (tmp_path / "afile").write_text("x")
+    err = _cli_error(base + ["--out", str(tmp_path / "afile" / "sub" / "r.json")], capsys)
+    assert "--out" in err and "afile is not a folder" in err
+
+
+def test_compare_out_is_checked_before_results(tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    err = _cli_error(["compare", str(tmp_path / "missing.json"), "--out",
+                      str(tmp_path / "taken")], capsys)
+    assert err.startswith(f"error: --out {tmp_path / 'taken'}: exists and is not a folder")
+    good = _write_result(tmp_path / "a.json", "base", "truthfulqa_mc", {"mc1": 0.5})
+    (tmp_path / "cmp" / "comparison.md").mkdir(parents=True)
+    err = _cli_error(["compare", good, "--out", str(tmp_path / "cmp")], capsys)
+    assert "comparison.md cannot be written" in err
+
+
+def test_cli_missing_model_is_named(tmp_path, capsys):
+    data = os.path.join(DATA, "truthfulqa_tiny.json")
+    err = _cli_error(["--model", str(tmp_path / "nope"), "--task", "truthfulqa_mc",
+                      "--data", data], capsys)
+    assert err.startswith(f"error: --model {tmp_path / 'nope'} does not exist")
+    err = _cli_error(["--model", str(_empty(tmp_path)), "--task", "truthfulqa_mc",
+                      "--data", data], capsys)
+    assert err.startswith("error: --model ") and "config.json" in err
+    model_dir = _fake_model_dir(tmp_path, tokenizer=False)
+    err = _cli_error(["--model", str(model_dir), "--task", "truthfulqa_mc", "--data", data],
+                     capsys)
+    assert err.startswith(f"error: --model {model_dir}: no tokenizer.model or tokenizer.json")
+    assert "pass --tokenizer" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--max-new-tokens", "0"), ("--temperature", "-1"),
+                                        ("--temperature", "nan"), ("--top-p", "0"),
+                                        ("--top-p", "1.5"), ("--batch-size", "0")])
+def test_cli_numbers_are_checked_before_anything_is_read(tmp_path, capsys, flag, value):
+    # Neither --model nor --data exists: the numbers are checked first.
+    err = _cli_error(["--model", str(tmp_path / "nope"), "--task", "answers", "--data",
+                      str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "a.jsonl"),
+                      flag, value], capsys)
+    assert err.startswith(f"error: {flag} must be")
+
+
+@pytest.mark.parametrize("qid", [[1], {"a": 1}, 1.5, True, None])
+def test_question_ids_must_be_strings_or_integers(tmp_path, qid):
+    from dromedary_jax.errors import UserError
+    from dromedary_jax.eval import load_questions
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question_id": 7, "turns": ["a"]}) + "\n"
+                    + json.dumps({"question_id": qid, "turns": ["b"]}) + "\n")
+    with pytest.raises(UserError, match=r"q\.jsonl: record 1: 'question_id' must be a string "
+                                        r"or an integer"):
+        load_questions(str(path))
+    path.write_text('{"question_id": "x1", "turns": ["a"]}\n{"question_id": 2, "turns": ["b"]}\n')
+    assert [q["question_id"] for q in load_questions(str(path))] == ["x1", 2]
+
+
+@pytest.mark.parametrize("value", ["abc", [0.5], {"x": 1}, True])
+def test_compare_rejects_non_numeric_metrics(tmp_path, value):
+    from dromedary_jax.errors import UserError
+    from dromedary_jax.eval import compare
+
+    ok = _write_result(tmp_path / "ok.json", "base", "truthfulqa_mc", {"mc1": 0.5, "mc2": None})
+    bad = _write_result(tmp_path / "bad.json", "final", "truthfulqa_mc",
+                        {"mc1": value, "mc2": 0.5})
+    with pytest.raises(UserError, match=r"bad\.json: metric 'mc1' is .*must be numbers"):
+        compare([ok, bad], str(tmp_path / "cmp"))
+    assert not (tmp_path / "cmp").exists()

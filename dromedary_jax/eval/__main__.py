@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -88,18 +89,56 @@ def _parse_mesh(text):
     return shape
 
 
+def _check_numbers(args) -> None:
+    """Every numeric argument, before anything is read or loaded."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < math.inf:
+        raise UserError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def _check_model_folder(args) -> None:
+    """The model folder holds a checkpoint and, unless --tokenizer is given, a tokenizer."""
+    from dromedary_jax.checkpoint import detect_format
+
+    try:
+        detect_format(args.model)
+    except UserError as e:
+        raise UserError(f"--model {e}") from None
+    if not args.tokenizer and not any(os.path.isfile(os.path.join(args.model, name))
+                                      for name in ("tokenizer.model", "tokenizer.json")):
+        raise UserError(f"--model {args.model}: no tokenizer.model or tokenizer.json in the model "
+                        f"folder; pass --tokenizer PATH (a tokenizer .model / tokenizer.json file "
+                        f"or a folder holding one)")
+
+
 def run_eval(args) -> dict:
     from dromedary_jax import eval as ev
     from dromedary_jax.eval import truthfulqa as tqa
-    from dromedary_jax.eval.data import read_text
+    from dromedary_jax.eval.data import check_out_file, read_text
     from dromedary_jax.eval.hhh import aggregate as hhh_aggregate
     from dromedary_jax.tokenizer import load_tokenizer
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # Check the arguments, the output path and the data before the (slow) model load.
+    _check_numbers(args)
     if args.task == "answers" and not args.out:
         raise UserError("--task answers needs --out FILE (the FastChat answer JSONL to write)")
-    # Read and check the data before the (slow) model load.
+    mesh = _parse_mesh(args.mesh)
+    # Multi-host (DROMEDARY_DISTRIBUTED=auto on a TPU pod, or DROMEDARY_COORDINATOR & co.): every
+    # process runs the same scoring calls over the mesh and gets every score, or answers its
+    # share of the questions and gets every answer; process 0 prints and writes.
+    from dromedary_jax.distributed import maybe_initialize
+
+    multi = maybe_initialize()
+    import jax
+
+    lead = not multi or jax.process_index() == 0
+    if lead and args.out:
+        check_out_file(args.out, "--out")
     if args.task == "truthfulqa_mc":
         records = ev.load_truthfulqa(args.data)
     elif args.task == "hhh":
@@ -109,16 +148,7 @@ def run_eval(args) -> dict:
     meta = read_text(args.meta_prompt, "--meta-prompt") if args.meta_prompt else ""
     preamble = (read_text(args.preamble_file, "--preamble-file").strip()
                 if args.preamble_file else ev.QA_PREAMBLE)
-    mesh = _parse_mesh(args.mesh)
-    # Multi-host (DROMEDARY_DISTRIBUTED=auto on a TPU pod, or DROMEDARY_COORDINATOR & co.): every
-    # process runs the same scoring calls over the mesh and gets every score, or answers its
-    # share of the questions and gets every answer; process 0 prints and writes.
-    from dromedary_jax.distributed import maybe_initialize
-
-    maybe_initialize()
-    import jax
-
-    lead = jax.process_index() == 0
+    _check_model_folder(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     from dromedary_jax.checkpoint import load_model
 

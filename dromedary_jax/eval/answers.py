@@ -34,7 +34,7 @@ import jax
 
 from dromedary_jax.distributed import allgather_texts
 from dromedary_jax.errors import UserError
-from dromedary_jax.eval.data import read_json_or_jsonl
+from dromedary_jax.eval.data import check_out_file, read_json_or_jsonl
 
 
 def load_questions(path: str) -> list[dict]:
@@ -49,6 +49,10 @@ def validate_questions(records: Sequence[Any], source: str = "questions") -> lis
             raise UserError(f"{where}: expected an object, got {type(rec).__name__}")
         if "question_id" not in rec:
             raise UserError(f"{where}: missing 'question_id'")
+        qid = rec["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+            raise UserError(f"{where}: 'question_id' must be a string or an integer, got "
+                            f"{type(qid).__name__} {repr(qid)[:40]}")
         turns = rec.get("turns")
         if turns is None and isinstance(rec.get("text"), str):
             turns = [rec["text"]]
@@ -142,6 +146,7 @@ def answer_questions(model, tokenizer, questions: Sequence[Mapping], *, meta_pro
 
 
 def write_answers(records: Sequence[Mapping], path: str) -> None:
+    check_out_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

@@ -12,7 +12,10 @@ import os
 from typing import Mapping, Sequence
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.eval.data import check_out_folder
 from dromedary_jax.jsonl import read_json
+
+OUT_FILES = ("comparison.md", "comparison.png")
 
 
 def load_result(path: str) -> dict:
@@ -23,6 +26,11 @@ def load_result(path: str) -> dict:
             or "task" not in res:
         raise UserError(f"{path}: not an eval result (needs 'task' and a 'metrics' object; "
                         f"write it with `python -m dromedary_jax.eval ... --out FILE`)")
+    for metric, value in res["metrics"].items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise UserError(f"{path}: metric {metric!r} is {shown} ({type(value).__name__}); "
+                            f"metric values must be numbers (or null)")
     return dict(res)
 
 
@@ -92,11 +100,11 @@ def compare(result_paths: Sequence[str], out_dir: str) -> dict[str, str]:
     """Write ``comparison.md`` and ``comparison.png`` into ``out_dir``; returns their paths."""
     if not result_paths:
         raise UserError("compare needs at least one result JSON file")
+    check_out_folder(out_dir, "--out", OUT_FILES)
     results = [(p, load_result(p)) for p in result_paths]
     rows, cols, cells = build_table(results)
     os.makedirs(out_dir, exist_ok=True)
-    md = os.path.join(out_dir, "comparison.md")
-    png = os.path.join(out_dir, "comparison.png")
+    md, png = (os.path.join(out_dir, name) for name in OUT_FILES)
     with open(md, "w", encoding="utf-8") as f:
         f.write(markdown_table(rows, cols, cells))
     bar_chart(rows, cols, cells, png)
