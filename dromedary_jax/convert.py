@@ -4,11 +4,13 @@
 ``load_model``). ``--to hf`` (default) writes a Hugging Face folder in ``--dtype``
 (float32/bfloat16/float16); ``--to orbax`` writes this project's checkpoint with parameters in
 ``--dtype`` (float32/bfloat16). ``--mesh`` (e.g. ``fsdp=-1`` or ``1,-1,2``) shards the model over
-the local devices while converting. Bad input prints one ``error:`` line and exits with 2.
+the local devices while converting. ``--dst`` must be a new or empty folder unless
+``--overwrite`` (both formats). Bad input prints one ``error:`` line and exits with 2.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -38,12 +40,23 @@ def parse_size(text: str) -> int:
     else:
         m = 1
     try:
-        n = int(float(t) * m)
+        x = float(t) * m
     except ValueError:
         raise UserError(f"--max-shard-size {text!r}: expected e.g. 5GB, 500MB or bytes") from None
+    if not math.isfinite(x):
+        raise UserError(f"--max-shard-size {text!r}: must be a finite size, e.g. 5GB")
+    n = int(x)
     if n <= 0:
         raise UserError(f"--max-shard-size {text!r} must be > 0")
     return n
+
+
+def same_folder(a: str, b: str) -> bool:
+    """``a`` and ``b`` are the same folder (through symlinks, bind mounts, ``..``)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Meta folders whose params.json has vocab_size=-1 and no tokenizer.model")
     p.add_argument("--max-shard-size", default="5GB", help="--to hf: split files above this")
     p.add_argument("--overwrite", action="store_true",
-                   help="--to orbax: replace an existing checkpoint (HF files are always replaced)")
+                   help="write into a --dst that is not empty (replacing the model files there)")
     return p
 
 
@@ -68,18 +81,37 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.to == "orbax" and args.dtype == "float16":
         raise UserError("--to orbax stores float32 or bfloat16 parameters, not float16")
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+    if same_folder(args.src, args.dst):
         raise UserError(f"--dst {args.dst} is the same folder as --src")
     mesh = parse_mesh(args.mesh)
     max_shard = parse_size(args.max_shard_size)
 
+    from dromedary_jax.checkpoint.folders import is_nonempty_dir, make_out_dir
+
+    if not args.overwrite and is_nonempty_dir(args.dst):
+        raise UserError(f"--dst {args.dst} is not empty; pass --overwrite to replace the model "
+                        "files in it, or choose a new or empty folder")
+    created = make_out_dir(args.dst, "--dst")  # now: a bad --dst fails before the slow load
+    try:
+        return _convert(args, mesh, max_shard)
+    except BaseException:
+        if created and not is_nonempty_dir(args.dst):
+            try:
+                os.rmdir(args.dst)  # leave no empty folder behind a failed conversion
+            except OSError:
+                pass
+        raise
+
+
+def _convert(args, mesh, max_shard) -> int:
     from dromedary_jax.checkpoint import load_model, save_checkpoint, save_hf
 
     # bfloat16 output: hold bfloat16 params (half the memory; the same single rounding).
     param_dtype = "bfloat16" if args.dtype == "bfloat16" else "float32"
     model = load_model(args.src, mesh=mesh, param_dtype=param_dtype, vocab_size=args.vocab_size)
     if args.to == "hf":
-        files = save_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=max_shard)
+        files = save_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=max_shard,
+                        overwrite=True)  # main() refused a non-empty --dst without --overwrite
         print(f"wrote Hugging Face folder {args.dst} ({len(files)} safetensors file(s), "
               f"{args.dtype})")
     else:

@@ -43,15 +43,24 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolve a mesh shape with at most one -1 entry against the device count."""
-    if isinstance(shape, Mapping):
-        unknown = set(shape) - set(MESH_AXES)
-        if unknown:
-            raise UserError(f"mesh axes must be among {MESH_AXES}, got {sorted(unknown)}")
-        dims = [int(shape.get(a, 1)) for a in MESH_AXES]
-    else:
-        dims = [int(x) for x in shape]
-        if len(dims) != len(MESH_AXES):
-            raise UserError(f"mesh shape {tuple(dims)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    forms = (f"expected axis sizes as a dict such as {{'fsdp': -1}} or "
+             f"{{'data': 1, 'fsdp': -1, 'tensor': 2}}, or a {len(MESH_AXES)}-tuple "
+             f"{MESH_AXES} such as (1, -1, 2)")
+    if isinstance(shape, (str, bytes)):
+        raise UserError(f"mesh {shape!r}: {forms}")
+    try:
+        if isinstance(shape, Mapping):
+            unknown = set(shape) - set(MESH_AXES)
+            if unknown:
+                raise UserError(
+                    f"mesh axes must be among {MESH_AXES}, got {sorted(unknown, key=str)}")
+            dims = [int(shape.get(a, 1)) for a in MESH_AXES]
+        else:
+            dims = [int(x) for x in shape]
+    except (TypeError, ValueError):
+        raise UserError(f"mesh {shape!r}: {forms}") from None
+    if not isinstance(shape, Mapping) and len(dims) != len(MESH_AXES):
+        raise UserError(f"mesh shape {tuple(dims)} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if dims.count(-1) > 1:
         raise UserError(f"mesh shape {tuple(dims)} has more than one -1 axis")
     if any(d == 0 or d < -1 for d in dims):

@@ -57,7 +57,7 @@ def export(result, cfg, workdir: str) -> str | None:
     if fmt == "hf":
         from dromedary_jax.checkpoint import save_hf
 
-        return save_hf(result.model, out)
+        return save_hf(result.model, out, overwrite=True)  # a rerun re-exports, as above
     raise UserError(f"export.format={fmt!r}: use checkpoint, hf or none")
 
 

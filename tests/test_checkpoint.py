@@ -345,3 +345,218 @@ def test_cli_mesh_not_dividing_heads(hf_saved, tmp_path):
     folder, _ = hf_saved("mha")
     _one_error_line(_run_cli("--src", folder, "--dst", str(tmp_path / "o"), "--mesh", "1,1,8"),
                     "does not divide num_heads=4")
+
+
+# ----------------------------------------------------------------------------- output folders, bad
+# paths, bad config / marker values, failed Orbax restores: one UserError (CLI: one error line)
+@pytest.fixture(scope="module")
+def tiny_model():
+    from flax import nnx
+
+    from dromedary_jax.model import Llama
+
+    return Llama(dj.preset("tiny", num_layers=1, vocab_size=64), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def orbax_ck(tiny_model, tmp_path_factory):
+    return save_checkpoint(tiny_model, str(tmp_path_factory.mktemp("orbax") / "ck"))
+
+
+def _convert_error(capsys, *argv):
+    """The convert CLI in-process: exit code 2 and the one ``error:`` line."""
+    from dromedary_jax.convert import main
+
+    capsys.readouterr()  # drop earlier output (e.g. a fixture's save_pretrained progress bar)
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_convert_refuses_dst_that_is_src_through_a_symlink(hf_saved, tmp_path, capsys):
+    folder, _ = hf_saved("mha")
+    src = str(tmp_path / "src")
+    shutil.copytree(folder, src)
+    before = open(os.path.join(src, "model.safetensors"), "rb").read()
+    os.symlink(src, str(tmp_path / "link"))
+    for dst in (str(tmp_path / "link"), str(tmp_path / "link" / ".." / "src")):
+        line = _convert_error(capsys, "--src", src, "--dst", dst, "--dtype", "bfloat16")
+        assert "is the same folder as --src" in line
+    assert open(os.path.join(src, "model.safetensors"), "rb").read() == before
+
+
+def test_save_hf_refuses_a_non_empty_folder_unless_overwrite(tiny_model, orbax_ck, tmp_path):
+    from dromedary_jax.checkpoint import detect_format
+
+    ck = str(tmp_path / "ck")
+    shutil.copytree(orbax_ck, ck)
+    with pytest.raises(UserError, match=r"save_hf: .*/ck is not empty; pass overwrite=True"):
+        save_hf(tiny_model, ck)
+    assert sorted(os.listdir(ck)) == ["dromedary_checkpoint.json", "params"]  # untouched
+    assert save_hf(tiny_model, ck, overwrite=True) == ["model.safetensors"]
+    assert detect_format(ck) == "hf"  # the Orbax marker went with the overwrite
+    np.testing.assert_array_equal(np.asarray(load_model(ck).params["wq"]),
+                                  np.asarray(tiny_model.params["wq"]))
+    (tmp_path / "empty").mkdir()
+    assert save_hf(tiny_model, str(tmp_path / "empty")) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("to", ["hf", "orbax"])
+def test_convert_refuses_a_non_empty_dst_unless_overwrite(to, orbax_ck, tmp_path, capsys):
+    from dromedary_jax.convert import main
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    line = _convert_error(capsys, "--src", orbax_ck, "--dst", str(dst), "--to", to)
+    assert "is not empty; pass --overwrite" in line
+    assert sorted(os.listdir(dst)) == ["notes.txt"]
+    assert main(["--src", orbax_ck, "--dst", str(dst), "--to", to, "--overwrite"]) == 0
+    assert load_model(str(dst)).config.vocab_size == 64
+
+
+@pytest.mark.parametrize("writer", ["save_hf", "save_checkpoint", "convert"])
+@pytest.mark.parametrize("where, match", [
+    ("file", "exists and is not a folder"),
+    ("file/sub", "cannot create the folder"),
+], ids=["file", "under_file"])
+def test_writing_onto_a_file_names_the_path(writer, where, match, tiny_model, orbax_ck,
+                                            tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    dst = str(tmp_path / where)
+    if writer == "convert":
+        assert match in _convert_error(capsys, "--src", orbax_ck, "--dst", dst)
+    else:
+        with pytest.raises(UserError, match=match):
+            {"save_hf": save_hf, "save_checkpoint": save_checkpoint}[writer](tiny_model, dst)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("size", ["inf", "-inf", "infGB", "1e400", "nan"])
+def test_convert_max_shard_size_must_be_finite(size):
+    from dromedary_jax.convert import parse_size
+
+    with pytest.raises(UserError, match=f"--max-shard-size '{size}'"):
+        parse_size(size)
+
+
+def _edit_json(path, edit):
+    with open(path) as f:
+        data = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(data), f)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: dict(c, hidden_size="abc"), r"config\.json: hidden_size='abc' must be a positive"),
+    (lambda c: dict(c, vocab_size=0), r"config\.json: vocab_size=0 must be a positive integer"),
+    (lambda c: dict(c, eos_token_id=[]), r"config\.json: eos_token_id=\[\] is an empty list"),
+    (lambda c: dict(c, rope_scaling={"rope_type": "linear"}),
+     r"config\.json: missing the key 'rope_scaling\.factor'"),
+    (lambda c: dict(c, rope_scaling="linear"), r"config\.json: rope_scaling='linear' must be an"),
+    (lambda c: [c], r"config\.json: expected a JSON object, got list"),
+], ids=["hidden_size_str", "vocab_size_0", "eos_empty_list", "linear_no_factor",
+        "rope_scaling_str", "json_list"])
+def test_bad_config_json_value_names_file_and_key(edit, match, hf_saved, tmp_path):
+    folder, _ = hf_saved("mha")
+    bad = str(tmp_path / "bad")
+    os.mkdir(bad)  # the config is read before any weights
+    shutil.copy(os.path.join(folder, "config.json"), bad)
+    _edit_json(os.path.join(bad, "config.json"), edit)
+    with pytest.raises(UserError, match=r"/bad/" + match):
+        load_model(bad)
+
+
+def _set_config(**kw):
+    return lambda m: dict(m, config=dict(m["config"], **kw))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: [], r"not a valid dromedary_jax checkpoint marker .*got a JSON list"),
+    (lambda m: dict(m, config=None), r"not a valid dromedary_jax checkpoint marker"),
+    (_set_config(rope_scaling={"factor": 2.0, "scale": 1}),
+     r"rope_scaling has unknown key\(s\) 'scale'"),
+    (_set_config(hidden_size="abc"), r"hidden_size='abc' must be a positive integer"),
+    (_set_config(num_heads=0), r"num_heads=0 must be a positive integer"),
+], ids=["json_list", "config_null", "rope_scaling_unknown_key", "hidden_size_str",
+        "num_heads_0"])
+def test_bad_orbax_marker_names_file_and_key(edit, match, tmp_path):
+    from dromedary_jax.checkpoint.orbax_io import MARKER, config_to_json
+
+    bad = tmp_path / "bad"
+    bad.mkdir()  # the marker is read before the params
+    marker = str(bad / MARKER)
+    with open(marker, "w") as f:
+        json.dump({"format": "dromedary_jax", "version": 1,
+                   "config": config_to_json(dj.preset("tiny"))}, f)
+    _edit_json(marker, edit)
+    with pytest.raises(UserError, match=r"/bad/dromedary_checkpoint\.json: "
+                                         r"(invalid model config: )?" + match):
+        load_model(str(bad))
+
+
+def _break_orbax(ck, how):
+    from dromedary_jax.checkpoint.orbax_io import MARKER
+
+    params = os.path.join(ck, "params")
+    if how == "empty params/":
+        shutil.rmtree(params)
+        os.mkdir(params)
+    elif how == "no ocdbt.process_0":
+        shutil.rmtree(os.path.join(params, "ocdbt.process_0"))
+    else:  # the marker's config disagrees with the stored shapes
+        _edit_json(os.path.join(ck, MARKER), _set_config(intermediate_size=96))
+
+
+@pytest.mark.parametrize("how, match", [
+    ("empty params/", r"/ck: params/ is empty; the checkpoint was not saved completely"),
+    ("no ocdbt.process_0", r"/ck/params: cannot be restored \(.*\); the checkpoint is incomplete"),
+    ("shape", r"/ck/params: parameter 'w_gate' has shape \(1, 64, 176\) but .*/ck/"
+              r"dromedary_checkpoint\.json implies \(1, 64, 96\)"),
+], ids=["empty_params", "no_ocdbt", "shape"])
+def test_broken_orbax_checkpoint_is_one_user_error(how, match, orbax_ck, tmp_path, capfd):
+    ck = str(tmp_path / "ck")
+    shutil.copytree(orbax_ck, ck)
+    _break_orbax(ck, how)
+    with pytest.raises(UserError, match=match):
+        load_model(ck, mesh={"fsdp": -1})
+    assert "Event loop is closed" not in capfd.readouterr().err
+
+
+def test_cli_broken_orbax_checkpoint_is_one_error(orbax_ck, tmp_path):
+    ck = str(tmp_path / "ck")
+    shutil.copytree(orbax_ck, ck)
+    _break_orbax(ck, "no ocdbt.process_0")
+    proc = _run_cli("--src", ck, "--dst", str(tmp_path / "o"))
+    # One error line. (When a read fails, Orbax closes its event loop under the reads still in
+    # flight, and their threads may print "Event loop is closed" tracebacks after it.)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cannot be restored" in errors[0], proc.stderr[-2000:]
+    assert proc.returncode == 2 and not os.path.exists(str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda f: load_model(f, mesh="fsdp"), r"mesh='fsdp': expected None .* a dict of axis sizes"),
+    (lambda f: load_model(f, mesh={"fsdp": "all"}), r"mesh \{'fsdp': 'all'\}: expected axis"),
+    (lambda f: load_model(f, mesh=8), r"mesh 8: expected axis sizes"),
+    (lambda f: load_model(None), r"load_model path=None: expected a model folder path"),
+    (lambda f: save_hf(None, None), r"save_hf out_dir=None: expected a folder path"),
+    (lambda f: dj.preset("tiny", foo=1), r"preset\('tiny'\): unknown ModelConfig field\(s\) "
+                                         r"'foo'; valid fields: vocab_size, hidden_size"),
+], ids=["mesh_str", "mesh_dict_str_size", "mesh_int", "load_model_none", "save_hf_none",
+        "preset_unknown_field"])
+def test_bad_arguments_are_user_errors(call, match, orbax_ck):
+    with pytest.raises(UserError, match=match):
+        call(orbax_ck)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "num_layers", "num_heads",
+                                   "num_kv_heads", "intermediate_size", "max_seq_len"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_model_config_rejects_non_positive_sizes(field, value):
+    with pytest.raises(UserError, match=f"invalid model config: {field}={value} must be a "
+                                        "positive integer"):
+        dj.ModelConfig(**{field: value})

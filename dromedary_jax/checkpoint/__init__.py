@@ -28,6 +28,10 @@ def resolve_mesh(mesh: MeshLike) -> Mesh | None:
     """None (single default device), a Mesh, or a shape for ``sharding.make_mesh``."""
     if mesh is None or isinstance(mesh, Mesh):
         return mesh
+    if isinstance(mesh, (str, bytes)):
+        raise UserError(f"mesh={mesh!r}: expected None (one device), a jax.sharding.Mesh, a dict "
+                        "of axis sizes such as {'fsdp': -1} or a 3-tuple (data, fsdp, tensor) "
+                        "such as (1, -1, 2)")
     return shd.make_mesh(mesh)
 
 
@@ -67,6 +71,9 @@ def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
     """
     from dromedary_jax.model.llama import Llama
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"load_model path={path!r}: expected a model folder path (str or "
+                        "os.PathLike)")
     path = os.fspath(path)
     kind = detect_format(path)
     mesh = resolve_mesh(mesh)

@@ -238,8 +238,9 @@ class SafetensorsSource:
 
 
 def read_hf_config(path: str, **overrides) -> ModelConfig:
-    """ModelConfig from ``path/config.json`` (UserError when missing)."""
-    return ModelConfig.from_hf_config(load_hf_config(path), **overrides)
+    """ModelConfig from ``path/config.json`` (UserError naming the file when missing or bad)."""
+    return ModelConfig.from_hf_config(load_hf_config(path),
+                                      source=os.path.join(path, "config.json"), **overrides)
 
 
 def load_hf_params(path: str, config: ModelConfig, mesh=None) -> dict[str, jax.Array]:
@@ -269,20 +270,34 @@ def _export_plan(c: ModelConfig):
 
 
 def save_hf(model, out_dir: str, dtype: str = "float32", *,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> list[str]:
     """Write ``model`` as a Hugging Face LlamaForCausalLM folder; returns the weight files.
 
     ``dtype``: storage dtype (float32, bfloat16 or float16). Weights go to
     ``model.safetensors``, or to ``model-0000x-of-0000y.safetensors`` plus
     ``model.safetensors.index.json`` when they exceed ``max_shard_bytes``. Each HF tensor (one
     layer of one projection) is gathered to the host on its own.
+
+    Refuses a folder that exists and is not empty unless ``overwrite``; then the folder's
+    ``model*.safetensors``, index and configs are replaced (and a dromedary_jax checkpoint
+    marker there is removed, so the folder loads as the Hugging Face model just written).
     """
     from safetensors.numpy import save_file
+
+    from dromedary_jax.checkpoint.folders import (check_out_dir, folder_arg, is_nonempty_dir,
+                                                  make_out_dir)
+    from dromedary_jax.checkpoint.orbax_io import MARKER
 
     if dtype not in STORAGE_DTYPES:
         raise UserError(f"save_hf dtype={dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
     if max_shard_bytes <= 0:
         raise UserError(f"max_shard_bytes={max_shard_bytes} must be > 0")
+    out_dir = folder_arg(out_dir, "save_hf out_dir")
+    # Every process checks (before any collective gather, so before process 0 writes anything).
+    check_out_dir(out_dir, "save_hf out_dir")
+    if not overwrite and is_nonempty_dir(out_dir):
+        raise UserError(f"save_hf: {out_dir} is not empty; pass overwrite=True to replace the "
+                        "model files in it, or choose an empty folder")
     np_dtype = np.dtype(STORAGE_DTYPES[dtype])
     c: ModelConfig = model.config
     params = model.params
@@ -302,9 +317,9 @@ def save_hf(model, out_dir: str, dtype: str = "float32", *,
 
     write = jax.process_index() == 0
     if write:
-        os.makedirs(out_dir, exist_ok=True)
+        make_out_dir(out_dir, "save_hf out_dir")
         for old in glob.glob(os.path.join(out_dir, "model*.safetensors")) + [
-                os.path.join(out_dir, INDEX_FILE)]:
+                os.path.join(out_dir, INDEX_FILE), os.path.join(out_dir, MARKER)]:
             if os.path.basename(old) not in names and os.path.exists(old):
                 os.remove(old)
     weight_map, total = {}, 0

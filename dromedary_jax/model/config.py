@@ -6,6 +6,7 @@ A config can be built from a preset name, from a Hugging Face ``config.json`` or
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Any
 
@@ -22,6 +23,14 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "max_seq_len")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +57,28 @@ class ModelConfig:
     scan_layers: bool = True
 
     def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise UserError(f"invalid model config: {msg}")
+
+        # sizes first: head_dim below divides by num_heads
+        for name in _SIZE_FIELDS:
+            v = getattr(self, name)
+            need(_is_int(v) and v > 0, f"{name}={v!r} must be a positive integer")
+        need(_is_int(self.head_dim) and self.head_dim >= 0,
+             f"head_dim={self.head_dim!r} must be a positive integer (0: hidden_size // "
+             "num_heads)")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        rs = self.rope_scaling
+        if isinstance(rs, dict):
+            known = [f.name for f in dataclasses.fields(RopeScaling)]
+            unknown = sorted(set(rs) - set(known), key=str)
+            need(not unknown, f"rope_scaling has unknown key(s) {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(known)})")
+            object.__setattr__(self, "rope_scaling", RopeScaling(**rs))
+        need(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+             f"rope_scaling={rs!r} must be None, a dict or a RopeScaling")
         self.validate()
 
     def validate(self) -> None:
@@ -59,12 +86,21 @@ class ModelConfig:
             if not cond:
                 raise UserError(f"invalid model config: {msg}")
 
-        need(self.num_heads > 0 and self.num_kv_heads > 0, "num_heads and num_kv_heads must be > 0")
+        for name in _SIZE_FIELDS + ("head_dim",):
+            v = getattr(self, name)
+            need(_is_int(v) and v > 0, f"{name}={v!r} must be a positive integer")
         need(
             self.num_heads % self.num_kv_heads == 0,
             f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}",
         )
         need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            need(isinstance(v, numbers.Real) and not isinstance(v, bool),
+                 f"{name}={v!r} must be a number")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            need(_is_int(v), f"{name}={v!r} must be an integer")
         need(self.dtype in ("float32", "bfloat16"), f"dtype={self.dtype!r} (float32|bfloat16)")
         need(self.param_dtype in ("float32", "bfloat16"), f"param_dtype={self.param_dtype!r}")
         need(self.remat in ("none", "full", "dots"), f"remat={self.remat!r} (none|full|dots)")
@@ -90,58 +126,114 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ conversions
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], **overrides) -> "ModelConfig":
+    def from_hf_config(cls, cfg: dict[str, Any], *, source: str = "config.json",
+                       **overrides) -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict; ``source`` (the file) names it in
+        errors: a missing key, a value of the wrong type, a non-positive size."""
+        if not isinstance(cfg, dict):
+            raise UserError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        missing = object()
+
+        def num(d, key, conv, default=missing, name=None, positive=False):
+            value = d.get(key, default)
+            name = name or key
+            if value is missing:
+                raise UserError(f"{source}: missing the key {name!r}")
+            try:
+                out = conv(value)
+            except (TypeError, ValueError, OverflowError):
+                out = None
+            if out is None or (positive and out <= 0):
+                what = "a positive integer" if positive else ("an integer" if conv is int
+                                                              else "a number")
+                raise UserError(f"{source}: {name}={value!r} must be {what}")
+            return out
+
+        def obj(d, key, name=None):
+            value = d.get(key) or None
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{source}: {name or key}={value!r} must be an object (or null)")
+            return value
+
         model_type = cfg.get("model_type", "llama")
         if model_type not in ("llama", "mistral"):
-            raise UserError(f"unsupported model_type {model_type!r} in config.json (llama or mistral)")
-        scaling = cfg.get("rope_scaling") or None
-        rope_params = cfg.get("rope_parameters") or None  # transformers >= 5 spelling
+            raise UserError(f"{source}: unsupported model_type {model_type!r} (llama or mistral)")
+        scaling = obj(cfg, "rope_scaling")
+        scaling_key = "rope_scaling"
+        rope_params = obj(cfg, "rope_parameters")  # transformers >= 5 spelling
         theta = cfg.get("rope_theta")
         if rope_params:
             theta = rope_params.get("rope_theta", theta)
             if rope_params.get("rope_type", "default") != "default":
-                scaling = rope_params
+                scaling, scaling_key = rope_params, "rope_parameters"
         rs = None
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
+
+            def sc(key, conv, default=missing):
+                return num(scaling, key, conv, default, name=f"{scaling_key}.{key}")
+
             if kind == "llama3":
                 rs = RopeScaling(
                     rope_type="llama3",
-                    factor=float(scaling["factor"]),
-                    low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-                    high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-                    original_max_position_embeddings=int(
-                        scaling.get("original_max_position_embeddings", 8192)),
+                    factor=sc("factor", float),
+                    low_freq_factor=sc("low_freq_factor", float, 1.0),
+                    high_freq_factor=sc("high_freq_factor", float, 4.0),
+                    original_max_position_embeddings=sc("original_max_position_embeddings",
+                                                        int, 8192),
                 )
             elif kind == "linear":
-                rs = RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
+                rs = RopeScaling(rope_type="linear", factor=sc("factor", float))
             elif kind != "default":
-                raise UserError(f"unsupported rope scaling type {kind!r} (llama3, linear)")
+                raise UserError(f"{source}: unsupported rope scaling type {kind!r} "
+                                "(llama3, linear)")
         eos = cfg.get("eos_token_id", 2)
         if isinstance(eos, list):
+            if not eos:
+                raise UserError(f"{source}: eos_token_id=[] is an empty list; give the id(s)")
             eos = eos[0]
+
+        def size(key):
+            return num(cfg, key, int, positive=True)
+
+        def token(key, default):
+            return num({key: cfg.get(key) if cfg.get(key) is not None else default}, key, int)
+
+        kw = dict(
+            vocab_size=size("vocab_size"),
+            hidden_size=size("hidden_size"),
+            intermediate_size=size("intermediate_size"),
+            num_layers=size("num_hidden_layers"),
+            num_heads=size("num_attention_heads"),
+            num_kv_heads=(size("num_key_value_heads") if cfg.get("num_key_value_heads")
+                          else size("num_attention_heads")),
+            head_dim=(size("head_dim") if cfg.get("head_dim") else 0),
+            max_seq_len=num(cfg, "max_position_embeddings", int, 2048, positive=True),
+            rms_norm_eps=num(cfg, "rms_norm_eps", float, 1e-6),
+            rope_theta=num({"rope_theta": theta if theta is not None else 10000.0},
+                           "rope_theta", float),
+            rope_scaling=rs,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=token("bos_token_id", 1),
+            eos_token_id=num({"eos_token_id": eos if eos is not None else 2}, "eos_token_id", int),
+            pad_token_id=token("pad_token_id", 0),
+        )
+        return cls.from_fields(kw, source=source, **overrides)
+
+    @classmethod
+    def from_fields(cls, kw: dict[str, Any], *, source: str, **overrides) -> "ModelConfig":
+        """``ModelConfig(**kw, **overrides)`` where ``kw`` was read from the file ``source``: an
+        invalid value read from the file is reported as ``<source>: ...``; an unknown or
+        invalid override as itself."""
+        check_fields(overrides, "ModelConfig overrides")
         try:
-            kw = dict(
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=int(cfg["hidden_size"]),
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=int(cfg["num_attention_heads"]),
-                num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-                head_dim=int(cfg.get("head_dim") or 0),
-                max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta if theta is not None else 10000.0),
-                rope_scaling=rs,
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                bos_token_id=int(cfg.get("bos_token_id") if cfg.get("bos_token_id") is not None else 1),
-                eos_token_id=int(eos if eos is not None else 2),
-                pad_token_id=int(cfg.get("pad_token_id") if cfg.get("pad_token_id") is not None else 0),
-            )
-        except KeyError as e:
-            raise UserError(f"config.json is missing the key {e.args[0]!r}") from None
-        kw.update(overrides)
-        return cls(**kw)
+            return cls(**{**kw, **overrides})
+        except UserError:
+            try:
+                cls(**kw)
+            except UserError as e:
+                raise UserError(f"{source}: {e}") from None
+            raise
 
     def to_hf_config(self) -> dict[str, Any]:
         out = {
@@ -253,10 +345,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_fields(kw: dict[str, Any], where: str) -> None:
+    """UserError naming the keys of ``kw`` that are not ModelConfig fields."""
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = [k for k in kw if k not in fields]
+    if unknown:
+        raise UserError(f"{where}: unknown ModelConfig field(s) {', '.join(map(repr, unknown))}; "
+                        f"valid fields: {', '.join(fields)}")
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """A published or tiny config by name, e.g. ``preset("llama2-70b")``."""
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    check_fields(overrides, f"preset({name!r})")
     kw = dict(PRESETS[name])
     kw.update(overrides)
     return ModelConfig(**kw)
