@@ -273,3 +273,126 @@ def test_user_errors(model, sp_tokenizer):
         dj.generate(model, [[1, 999]], max_new_tokens=2)
     with pytest.raises(UserError, match="list of strings"):
         dj.generate_text(model, sp_tokenizer, "hello", max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- argument checks
+# Every bad call below raises a one-line UserError before anything is compiled or run.
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("prompts,kwargs,match", [
+    # a flat prompt list / 1-D array used to become one-token prompts
+    ([1, 5, 6], {}, r"prompt_ids must be a list of prompts .*wrap a single prompt: \[ids\]"),
+    (np.array([1, 5, 6]), {}, r"wrap a single prompt: \[ids\]"),
+    (["hello"], {}, r"prompt_ids\[0\] is a string .*use generate_text"),
+    ([[[1, 2], [3]]], {}, r"prompt_ids\[0\] is not a flat list of token ids"),
+    ([[[1, 2], [3, 4]]], {}, r"prompt_ids\[0\] has shape \(2, 2\)"),
+    ([[1, 1.7]], {}, r"prompt_ids\[0\] holds 1.7 .*token ids must be integers"),
+    (np.array([[1.0, 5.0]]), {}, "token ids must be integers"),
+    ([[1, None]], {}, "token ids must be integers"),
+    ([[1, True]], {}, "token ids must be integers"),
+    # NaN / inf / degenerate settings
+    (PROMPTS, dict(logit_bias={9: NAN}), r"logit_bias\[9\] must be a finite number"),
+    (PROMPTS, dict(logit_bias={9: 1e39}), r"logit_bias\[9\] must be a finite number"),
+    (PROMPTS, dict(ngram_penalties=[(1, NAN)]), "ngram_penalties: the penalty .* finite"),
+    (PROMPTS, dict(temperature=INF), "temperature must be a finite number"),
+    (PROMPTS, dict(temperature=NAN), "temperature must be a finite number"),
+    (PROMPTS, dict(temperature=1e-45), r"temperature must be 0 \(greedy\) or >= 0.0001"),
+    (PROMPTS, dict(temperature=1e-50), r"temperature must be 0 \(greedy\) or >= 0.0001"),
+    (PROMPTS, dict(top_p=1e-50), r"top_p must be in \(0, 1\]"),
+    (PROMPTS, dict(top_p=NAN), "top_p must be a finite number"),
+    # lengths: refused beyond 4x max_seq_len (256 here), before any allocation
+    (PROMPTS, dict(max_new_tokens=10**8), r"max_new_tokens must be at most 4x .* 256 \(1024\)"),
+    (PROMPTS, dict(max_new_tokens=2**40), "max_new_tokens must be at most 4x"),
+    ([[1] * 100], dict(max_new_tokens=1000), r"prompt \(100 tokens\) \+ max_new_tokens \(1000\)"),
+    ([[5]], dict(shared_prefix=[1] * 1000, max_new_tokens=100), r"prompt \(1001 tokens\)"),
+    # shared_prefix of generate is token ids
+    (PROMPTS, dict(shared_prefix="hello"), "shared_prefix must be token ids .*use generate_text"),
+    (PROMPTS, dict(shared_prefix=5), "shared_prefix must be token ids"),
+    (PROMPTS, dict(shared_prefix=[1, 2.5]), "shared_prefix must be token ids"),
+    # wrong types
+    (PROMPTS, dict(max_new_tokens=None), "max_new_tokens must be an integer, got None"),
+    (PROMPTS, dict(temperature="0.5"), "temperature must be a number, got '0.5'"),
+    (PROMPTS, dict(top_p=None), "top_p must be a number"),
+    (PROMPTS, dict(seed=None), "seed must be an integer"),
+    (PROMPTS, dict(batch_size="a"), "batch_size must be an integer"),
+    (PROMPTS, dict(eos_id=2.0), "eos_id must be a token id"),
+    (PROMPTS, dict(eos_id="a"), "eos_id must be a token id"),
+    (PROMPTS, dict(eos_id=[2, "a"]), "eos_id must be an integer"),
+    (PROMPTS, dict(ids=5), "ids must be a list with one example id"),
+    (PROMPTS, dict(ids=[0, 1, 2, True]), r"ids\[3\] = True"),
+    (PROMPTS, dict(logit_bias={5: "abc"}), r"logit_bias\[5\] must be a number"),
+    (PROMPTS, dict(logit_bias=[(5, 1.0)]), "logit_bias must be a mapping"),
+    (PROMPTS, dict(ngram_penalties=[("a", 1)]), "ngram_penalties: n must be an integer"),
+    (PROMPTS, dict(ngram_penalties=[(3, "x")]), "ngram_penalties: the penalty for n=3 must be a"),
+    (PROMPTS, dict(ngram_penalties=3), "ngram_penalties must be a list of"),
+    # no more silent clamping or truncation
+    (PROMPTS, dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (PROMPTS, dict(batch_size=-5), "batch_size must be >= 1, got -5"),
+    (PROMPTS, dict(max_new_tokens=2.7), "max_new_tokens must be an integer, got 2.7"),
+    (PROMPTS, dict(max_new_tokens=True), "max_new_tokens must be an integer, got True"),
+    (PROMPTS, dict(top_k=2.5), "top_k must be an integer"),
+])
+def test_generate_rejects_bad_arguments(model, prompts, kwargs, match):
+    kwargs = dict(dict(max_new_tokens=4), **kwargs)
+    with pytest.raises(UserError, match=match):
+        dj.generate(model, prompts, **kwargs)
+
+
+def test_rejects_a_model_path_and_bad_prefix_ids(model, sp_tokenizer):
+    with pytest.raises(UserError, match=r"model must be a loaded model.*dj.load_model\(path\)"):
+        dj.generate("/models/llama-7b", PROMPTS, max_new_tokens=4)
+    with pytest.raises(UserError, match=r"model must be a loaded model.*dj.load_model\(path\)"):
+        dj.generate_text("/models/llama-7b", sp_tokenizer, ["hi"], max_new_tokens=4)
+    with pytest.raises(UserError, match=r"model must be a dromedary_jax model"):
+        dj.generate(None, PROMPTS, max_new_tokens=4)
+    with pytest.raises(UserError, match="shared_prefix must be token ids"):
+        PrefixCache().get(model, "hello")
+    with pytest.raises(UserError, match="shared_prefix must be token ids"):
+        prefill_prefix(model, 5)
+
+
+@pytest.mark.parametrize("tokenizer,prompts,kwargs,match", [
+    ("/models/tokenizer.model", ["hi"], {}, r"tokenizer must be a loaded tokenizer.*"
+                                            r"dj.load_tokenizer\(path\)"),
+    (None, ["hi"], {}, r"tokenizer must be a dromedary_jax tokenizer.*dj.load_tokenizer"),
+    ("sp", None, {}, "prompts must be a list of strings"),
+    ("sp", [1, 2], {}, r"prompts\[0\] is 1, not a string"),
+    ("sp", [None], {}, r"prompts\[0\] is None, not a string"),
+    ("sp", ["hi"], dict(stop=5), "stop must be a string or a list of strings, got 5"),
+    ("sp", ["hi"], dict(stop_check_every=0), "stop_check_every must be >= 1"),
+    ("sp", ["hi"], dict(stop_check_every=2.5), "stop_check_every must be an integer"),
+    ("sp", ["hi"], dict(temperature=NAN), "temperature must be a finite number"),
+])
+def test_generate_text_rejects_bad_arguments(model, sp_tokenizer, tokenizer, prompts, kwargs,
+                                             match):
+    tokenizer = sp_tokenizer if tokenizer == "sp" else tokenizer
+    kwargs = dict(dict(max_new_tokens=4), **kwargs)
+    with pytest.raises(UserError, match=match):
+        dj.generate_text(model, tokenizer, prompts, **kwargs)
+
+
+def test_generate_text_checks_the_tokenizer_fits_the_model(model, sp_tokenizer):
+    import copy
+    import types
+
+    small = types.SimpleNamespace(config=dataclasses.replace(model.config, vocab_size=64),
+                                  params=model.params, mesh=None)
+    with pytest.raises(UserError, match="tokenizer has 256 tokens but the model's vocab_size "
+                                        "is 64"):
+        dj.generate_text(small, sp_tokenizer, ["hi"], max_new_tokens=4)
+    # a tokenizer smaller than the model's (padded) vocabulary is normal
+    smaller_tok = copy.copy(sp_tokenizer)
+    smaller_tok.vocab_size = 200
+    kw = dict(max_new_tokens=2, eos_id=-1)
+    assert dj.generate_text(model, smaller_tok, ["why"], **kw) == \
+        dj.generate_text(model, sp_tokenizer, ["why"], **kw)
+
+
+def test_valid_argument_forms_still_work(model):
+    rows = np.asarray([[1, 5, 6, 7], [1, 40, 41, 42]])
+    want = dj.generate(model, rows.tolist(), max_new_tokens=2, eos_id=-1)
+    assert len(want) == 2
+    assert dj.generate(model, rows, max_new_tokens=np.int64(2), eos_id=np.int32(-1),
+                       temperature=np.float32(0), top_p=1, seed=np.uint32(0),
+                       batch_size=np.int64(2), logit_bias={}, ngram_penalties=None) == want

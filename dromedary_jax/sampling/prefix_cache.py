@@ -83,9 +83,27 @@ def prefill_prefix_arrays(params, tokens, positions, segment_ids, *, config: Mod
     return cache, logits[:, 0]
 
 
+PREFIX_IDS_MESSAGE = ("shared_prefix must be token ids (a list of ints) or a PrefixState; "
+                      "use generate_text for a string prefix")
+
+
+def prefix_token_ids(prefix_ids) -> tuple[int, ...]:
+    """A shared prefix's token ids (a list, tuple or 1-D integer array) -> tuple of ints.
+    Anything else (a string, a number, floats, nested lists) is a UserError."""
+    if isinstance(prefix_ids, (str, bytes)):
+        raise UserError(f"{PREFIX_IDS_MESSAGE} (got the string {prefix_ids[:40]!r})")
+    if not hasattr(prefix_ids, "__iter__") or isinstance(prefix_ids, dict):
+        raise UserError(f"{PREFIX_IDS_MESSAGE} (got {type(prefix_ids).__name__} {prefix_ids!r})")
+    ids = list(prefix_ids)
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise UserError(f"{PREFIX_IDS_MESSAGE} (it holds {i!r})")
+    return tuple(int(i) for i in ids)
+
+
 def prefill_prefix(model, prefix_ids: Sequence[int]) -> PrefixState:
     """Prefill ``prefix_ids`` once (batch 1) and return its cache (no LRU; see PrefixCache)."""
-    ids = tuple(int(i) for i in prefix_ids)
+    ids = prefix_token_ids(prefix_ids)
     c = model.config
     if not ids:
         raise UserError("shared_prefix is empty: pass a non-empty prefix or shared_prefix=None")
@@ -118,7 +136,7 @@ class PrefixCache:
         self.misses = 0
 
     def get(self, model, prefix_ids: Sequence[int]) -> PrefixState:
-        ids = tuple(int(i) for i in prefix_ids)
+        ids = prefix_token_ids(prefix_ids)
         key = (ids, tuple(id(p) for p in model.params.values()))
         state = self._entries.get(key)
         if state is not None and state.matches(model):

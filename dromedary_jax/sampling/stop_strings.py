@@ -20,6 +20,8 @@ def normalize_stop(stop) -> tuple[str, ...]:
         return ()
     if isinstance(stop, str):
         stop = (stop,)
+    elif isinstance(stop, (bytes, dict)) or not hasattr(stop, "__iter__"):
+        raise UserError(f"stop must be a string or a list of strings, got {stop!r}")
     out = tuple(stop)
     for s in out:
         if not isinstance(s, str) or not s:
