@@ -3,7 +3,8 @@
     experiments/tpu/launch.sh --name dromedary --zone ZONE --accelerator v4-256 -- \\
         python -m dromedary_jax.run --config configs/dromedary_65b.py --workdir /mnt/runs/d65b \\
         --config.model.checkpoint=/mnt/llama-65b --config.model.tokenizer=/mnt/llama-65b/tokenizer.model
-    python -m dromedary_jax.run --config configs/dromedary_65b.py --dry_run   # plan, no TPU needed
+    python -m dromedary_jax.run --config configs/dromedary_65b.py --dry_run --devices 128  # plan a
+        # v4-256 (128 chips) here, no TPU needed; `python -m dromedary_jax.plan` compiles the steps
 
 Paper settings (arXiv 2305.03047): topics T=1.0 top_p=0.98 128 tokens; questions T=1.0 top_p=0.95;
 vanilla self-instruct T=1.0 top_p=0.98; self-align T=0.5 top_p=0.95 256 tokens, -100 on the

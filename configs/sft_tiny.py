@@ -4,7 +4,9 @@
         --config configs/sft_tiny.py:train=records.jsonl,tokenizer=tokenizer.model
 
 The optional argument after ":" is comma-separated key=value: train, eval (JSONL paths or globs,
-";"-separated when several), tokenizer, lora (0/1). Any key can also be overridden with
+";"-separated when several), tokenizer, lora (0/1). The tiny preset has 512 token ids, so the
+tokenizer must have at most 512 (e.g. one trained like the tests' in tests/conftest.py); for a
+real tokenizer, set --config.model.preset / --config.model.checkpoint to a model that matches it. Any key can also be overridden with
 ``--config.<section>.<key>=value``. Records are JSON lines with "prompt" and "response".
 """
 from dromedary_jax.training.config import default_config

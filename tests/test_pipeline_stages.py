@@ -119,9 +119,13 @@ def test_cleaner_parses_cleans_and_filters():
     assert c.process(" T.\n\nWatson: ", "q")["filter"] == "empty"
     assert c.process(" T.\n\nWatson: Yes.", "q")["filter"] == "too_short"
     assert c.process(" T.\n\nWatson: I'm sorry, but I cannot help with that request.", "q")["filter"] == "apology"
-    leak = " T.\n\nWatson: Forager bees drink nectar from flowers, that is all I can say here."
+    leak = " T.\n\nWatson: Forager bees carry it home in the honey crop, that is all I can say here."
     assert c.process(leak, "How do plants grow?")["filter"] == "exemplar_leak"
-    assert c.process(leak, "Where does nectar come from?")["filter"] is None  # marker is in the question
+    assert c.process(leak, "What is a honey crop?")["filter"] is None  # marker is in the question
+    # an ordinary answer on an exemplar's topic is no leak (the markers are the exemplars' own)
+    on_topic = (" T.\n\nWatson: Bees turn nectar into honey; for travel money, compare the exchange "
+                "rate your bank offers, and note that 98.6 F is 37 C.")
+    assert c.process(on_topic, "Tell me three facts.")["filter"] is None
     copied = (" T.\n\nWatson: Squads, form and even the host country can change a lot over a decade, so "
               "predictions this far ahead are mostly guesswork.")
     assert c.process(copied, "Who wins the next chess final?")["filter"] == "exemplar_leak"

@@ -188,9 +188,9 @@ def finetune_defaults(max_len: int) -> ml_collections.ConfigDict:
 
 def relax_for_random_tiny_model(c) -> ml_collections.ConfigDict:
     """Stages 1-2 settings for a randomly initialised "tiny" Llama on CPU (the demo, and
-    ``configs/stages12_tiny.py:tiny``): short generations and few prompts; any topic line accepted;
-    since gibberish yields no parseable questions, stage 2 answers the red-teaming seed questions
-    with a 1-exemplar prompt and keeps answers of any length. Returns ``c``, changed in place."""
+    ``configs/stages12_tiny.py:tiny``): short generations and few prompts; topic lines of up to
+    50 words; since gibberish yields no parseable questions, stage 2 answers the red-teaming seed
+    questions with a 1-exemplar prompt and keeps answers of any length, without an answer header. Returns ``c``, changed in place."""
     m = c.model
     m.preset = "tiny"
     m.overrides = {"max_seq_len": 8192}
@@ -215,6 +215,7 @@ def relax_for_random_tiny_model(c) -> ml_collections.ConfigDict:
     sa.questions_file = "data/red_team/question_types.jsonl"
     sa.num_exemplars = 1
     sa.min_answer_chars = 0
+    sa.require_answer_header = False  # gibberish has no "<Name>:" answer header
     return c
 
 
