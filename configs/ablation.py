@@ -6,7 +6,8 @@
 
 arg: comma-separated items, any of
   base=NAME       the experiment config to ablate (configs/NAME.py; default demo)
-  drop=KEY        leave one principle out (a key of the principle file, e.g. candor)
+  drop=KEY        leave one principle out (a key of the principle file, e.g. candor; keys with
+                  spaces take underscores, e.g. drop=question_assessment)
   no_exemplars    0 in-context exemplars (the same as exemplars=0)
   exemplars=N     keep the first N exemplars (0-5)
   shuffle=SEED    shuffle the principle order with SEED

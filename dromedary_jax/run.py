@@ -47,6 +47,25 @@ def select_stages(names) -> list[str]:
     return [n for n in STAGES if n in names]
 
 
+def stage_status(config, workdir: str, name: str) -> str:
+    """"done" (finished under this config: skipped), "changed" (finished under another config:
+    refused unless config.overwrite/force), "resume" (started), or "run". ``config``: completed."""
+    import os
+
+    from dromedary_jax.pipeline.records import stage_done
+
+    if not workdir or not os.path.isdir(os.path.join(workdir, name)):
+        return "run"
+    if stage_done(workdir, name) is None:
+        return "resume"
+    module = importlib.import_module(STAGES[name].split(":")[0])
+    try:
+        expected = module.stage_dir(config, workdir).hash
+    except (UserError, OSError):  # its inputs are missing: it cannot be skipped as done
+        return "changed"
+    return "done" if stage_done(workdir, name, expected) is not None else "changed"
+
+
 def check_order(config, workdir: str, selected: list[str]) -> None:
     """Each selected stage's input stage must be finished already or selected before it."""
     from dromedary_jax.pipeline.records import stage_done
@@ -65,7 +84,6 @@ def run_stages(config, workdir: str, stages=None, resources=None, report: bool =
     """Run the selected stages in registry order, then write the run report; returns
     {stage: manifest counts}."""
     from dromedary_jax.pipeline.defaults import complete
-    from dromedary_jax.pipeline.records import stage_done
     from dromedary_jax.pipeline.resources import Resources
 
     check_workdir(workdir)
@@ -78,9 +96,13 @@ def run_stages(config, workdir: str, stages=None, resources=None, report: bool =
         print(f"NOTE: {config.notice}", flush=True)
     out = {}
     for name in selected:
-        was_done = stage_done(workdir, name) is not None
+        status = stage_status(config, workdir, name)
+        was_done = status == "done"
         if main_host:
-            print(f"== stage {name}: {'already done, skipped' if was_done else 'running'}", flush=True)
+            changed = ("done under a different config: " + ("starting it over (overwrite)" if config.overwrite
+                       else "appending (force)" if config.force else "refused"))
+            state = {"done": "already done, skipped", "changed": changed}.get(status, "running")
+            print(f"== stage {name}: {state}", flush=True)
         counts = stage_fn(name)(config, workdir, resources=resources)
         log.info("stage %s: %s%s", name, "already done; " if was_done else "", counts)
         out[name] = counts

@@ -1,12 +1,14 @@
 """Append-only shards, resume, partial-line repair, config lock, manifest, funnel report."""
+import errno
 import json
 import os
 
 import pytest
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline.records import (Hosts, ShardWriter, StageDir, config_hash, read_records, shard_path,
-                                            stable_int, strip_non_semantic)
+from dromedary_jax.pipeline.records import (Hosts, ShardWriter, StageDir, config_hash, finetune_fingerprint,
+                                            model_fingerprint, read_records, shard_path, stable_int,
+                                            stage_done, strip_non_semantic, write_jsonl_atomic)
 from dromedary_jax.pipeline.report import funnel_steps, write_funnel
 
 
@@ -78,3 +80,103 @@ def test_funnel_report(tmp_path):
     md = open(out["funnel_md"]).read()
     assert "| - a | 8 | 80.0% |" in md and "| helpful | 5 |" in md
     assert open(out["funnel_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_folder_without_outputs_does_not_lock_the_config(tmp_path):
+    """A first run that failed before writing a record (e.g. a bad model.checkpoint) must not
+    refuse the corrected rerun."""
+    wd = str(tmp_path)
+    StageDir(wd, "st", {"checkpoint": "/nope"}, Hosts()).open()
+    ShardWriter(os.path.join(wd, "st"), "r", Hosts()).close()  # opened, never written
+    fixed = StageDir(wd, "st", {"checkpoint": "/ok"}, Hosts()).open()
+    assert fixed.stored_hash() == fixed.hash
+    with fixed.writer("r") as w:
+        w.append([{"id": "x"}])
+    with pytest.raises(UserError, match="different config"):
+        StageDir(wd, "st", {"checkpoint": "/other"}, Hosts()).open()
+    # fine-tune stages: checkpoints lock the folder too, derived files do not
+    StageDir(wd, "ft", {"lr": 1}, Hosts()).open()
+    write_jsonl_atomic(os.path.join(wd, "ft", "sft_train.jsonl"), [{"id": "a"}])
+    StageDir(wd, "ft", {"lr": 2}, Hosts()).open()
+    os.makedirs(os.path.join(wd, "ft", "train", "checkpoints", "4"))
+    with pytest.raises(UserError, match="different config"):
+        StageDir(wd, "ft", {"lr": 3}, Hosts()).open()
+
+
+def test_stage_done_compares_the_config_hash(tmp_path):
+    s = StageDir(str(tmp_path), "st", {"a": 1}, Hosts()).open()
+    s.write_manifest({"n": 1}, {})
+    assert stage_done(str(tmp_path), "st")["counts"] == {"n": 1}
+    assert stage_done(str(tmp_path), "st", s.hash) is not None
+    assert stage_done(str(tmp_path), "st", config_hash({"a": 2})) is None
+
+
+def test_legacy_fingerprint_keeps_an_old_folder_valid(tmp_path):
+    old = StageDir(str(tmp_path), "st", {"a": 1, "remat": "none"}, Hosts()).open()
+    old.write_manifest({"n": 1}, {})
+    new = StageDir(str(tmp_path), "st", {"a": 1}, Hosts(), legacy=[{"a": 1, "remat": "none"}])
+    assert new.hash == old.hash and new.is_done()
+    new.open()  # not refused
+    other = StageDir(str(tmp_path), "st", {"a": 2}, Hosts(), legacy=[{"a": 2, "remat": "none"}])
+    assert other.hash != old.hash and not other.is_done()
+
+
+def test_fingerprints_leave_out_bookkeeping_keys():
+    from dromedary_jax.pipeline.defaults import get_defaults
+    from dromedary_jax.pipeline.engrave import fingerprint_of
+
+    c = get_defaults()
+    base_model, base_en, base_vc = (model_fingerprint(c.model), fingerprint_of(c.engrave),
+                                    fingerprint_of(c.verbose_clone))
+    c.model.remat, c.model.mesh, c.model.progress, c.model.batch_size = "full", (1, -1, 1), True, 3
+    c.model.delay_s = 0.5
+    for sec in (c.engrave, c.verbose_clone):
+        t = sec.train
+        t.checkpoint.every_steps, t.checkpoint.keep, t.eval.every_steps = 7, 9, 3
+        t.metrics.log_every, t.metrics.progress, t.mesh.shape = 1, False, (2, -1, 1)
+        t.data.prepared_dir, t.debug.step_sleep_s = "/tmp/x", 1.0
+    c.verbose_clone.batch_size = 5
+    assert model_fingerprint(c.model) == base_model
+    assert fingerprint_of(c.engrave) == base_en and fingerprint_of(c.verbose_clone) == base_vc
+    c.model.top_k, c.engrave.train.train.learning_rate = 5, 1e-3
+    c.engrave.train.checkpoint.resume_from = "/ckpt"
+    assert model_fingerprint(c.model) != base_model
+    assert fingerprint_of(c.engrave)["train"]["checkpoint"] == {"resume_from": "/ckpt"}
+    assert fingerprint_of(c.engrave) != base_en
+    assert "checkpoint" in finetune_fingerprint(c.engrave.train)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_full_disk_is_a_user_error_and_resumes(tmp_path, monkeypatch, code):
+    d = str(tmp_path)
+    w = ShardWriter(d, "recs", Hosts())
+    w.append([{"id": "a"}])
+    real = w._f
+
+    class Full:
+        def write(self, text):
+            real.write(text[:5])  # part of the batch reaches the file, then the disk is full
+            raise OSError(code, os.strerror(code))
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    w._f = Full()
+    with pytest.raises(UserError, match=r"recs-00000-of-00001.jsonl: .*(no space left|quota).*rerun"):
+        w.append([{"id": "b"}, {"id": "c"}])
+    w.close()
+    with ShardWriter(d, "recs", Hosts()) as w2:  # after freeing space: resumes
+        assert w2.done == {"a"}
+        w2.append([{"id": "b"}])
+    assert [r["id"] for r in read_records(d, "recs")] == ["a", "b"]
+    # derived files too
+    import dromedary_jax.pipeline.records as R
+
+    def full_replace(src, dst):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(R.os, "replace", full_replace)
+    with pytest.raises(UserError, match="kept.jsonl: .*rerun"):
+        write_jsonl_atomic(os.path.join(d, "kept.jsonl"), [{"id": "a"}])
+    monkeypatch.undo()
+    assert not [f for f in os.listdir(d) if ".tmp" in f]

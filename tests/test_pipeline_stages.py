@@ -235,6 +235,109 @@ def test_rerun_skips_and_different_config_is_refused(tmp_path):
     assert prefix_file and "(candor)" not in open(os.path.join(wd, "self_align", prefix_file[-1])).read()
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A small finished stages 1-2 run (copied by the tests that change it)."""
+    c = tiny_config()
+    c.self_instruct.vanilla.num_instructions = 5
+    c.self_align.max_questions = 6
+    wd = str(tmp_path_factory.mktemp("small") / "wd")
+    run_stages(c, wd, report=False)
+    return c, wd
+
+
+def _copy(small_run, tmp_path):
+    import copy
+    import shutil
+
+    c, wd = small_run
+    dst = str(tmp_path / "wd")
+    shutil.copytree(wd, dst)
+    return copy.deepcopy(c), dst
+
+
+def test_bookkeeping_model_keys_do_not_lock_finished_stages(small_run, tmp_path):
+    c, wd = _copy(small_run, tmp_path)
+    c.model.remat, c.model.mesh, c.model.progress, c.model.batch_size = "full", (1, -1, 1), True, 3
+    c.model.delay_s = 0.01
+    c.self_instruct.batch_size, c.self_align.batch_size = 2, 3
+    gen = ScriptedGenerator()
+    run_stages(c, wd, resources=Resources(c, generator=gen, hosts=Hosts()), report=False)
+    assert gen.calls == 0  # both stages still done: skipped, not refused
+
+
+def test_old_workdir_hash_is_kept(small_run, tmp_path):
+    """A folder written when the hash still covered model.remat etc. stays done."""
+    from dromedary_jax.pipeline.defaults import complete
+
+    c, wd = _copy(small_run, tmp_path)
+    legacy = {}
+    for mod in (S1, S2):
+        stage = mod.stage_dir(complete(c), wd)
+        old = legacy[mod.STAGE] = next(_legacy_hashes(mod, complete(c), wd))
+        for name in ("config.json", "manifest.json"):
+            p = os.path.join(wd, mod.STAGE, name)
+            d = json.load(open(p))
+            assert d["config_hash"] == stage.hash != old
+            d["config_hash"] = old
+            with open(p, "w") as f:
+                json.dump(d, f)
+    gen = ScriptedGenerator()
+    run_stages(c, wd, resources=Resources(c, generator=gen, hosts=Hosts()), report=False)
+    assert gen.calls == 0
+    assert json.load(open(os.path.join(wd, "self_align", "manifest.json")))["config_hash"] == legacy["self_align"]
+
+
+def _legacy_hashes(mod, config, wd):
+    from dromedary_jax.pipeline.records import config_hash
+
+    if mod is S1:
+        from dromedary_jax.pipeline import data as D
+
+        cfg = config.self_instruct
+        files = {"red_team_seeds": D.read_text(cfg.red_team_seeds, "x")}
+        for key in ("seed_tasks", "topic_template", "question_template", "vanilla_template"):
+            files[key] = D.read_text(cfg[key], key)
+        yield config_hash(S1.fingerprint(config, files, legacy=True))
+    else:
+        from dromedary_jax.pipeline.records import text_digest
+
+        rendered, _ = S2.render_prompt(config)
+        yield config_hash(S2.fingerprint(config, text_digest(rendered.prefix), S2.load_questions(config, wd),
+                                         legacy=True))
+
+
+def test_failed_first_run_does_not_lock_the_corrected_rerun(tmp_path):
+    c = tiny_config()
+    c.self_instruct.vanilla.num_instructions = 5
+    c.model.kind, c.model.checkpoint = "checkpoint", str(tmp_path / "nope")
+    wd = str(tmp_path / "wd")
+    with pytest.raises(UserError):
+        run_stages(c, wd, stages=["self_instruct"], report=False)
+    assert os.path.exists(os.path.join(wd, "self_instruct", "config.json"))
+    c.model.kind, c.model.checkpoint = "scripted", ""
+    out = run_stages(c, wd, stages=["self_instruct"], report=False)["self_instruct"]
+    assert out["prompts"] > 0
+
+
+def test_changed_config_is_not_reported_done(small_run, tmp_path, capsys):
+    from dromedary_jax.pipeline.defaults import complete
+    from dromedary_jax.pipeline.plan import stage_plan
+
+    c, wd = _copy(small_run, tmp_path)
+    plan = stage_plan(complete(c), wd, ["self_instruct", "self_align"])
+    assert all("[done (skip)]" in line for line in plan), plan
+    c.self_instruct.vanilla.num_instructions = 7
+    plan = stage_plan(complete(c), wd, ["self_instruct", "self_align"])
+    assert "[done, but the config changed: refused unless --config.overwrite/force]" in plan[0], plan
+    assert "[done (skip)]" in plan[1], plan
+    capsys.readouterr()
+    with pytest.raises(UserError, match="different config"):
+        run_stages(c, wd, report=False)
+    out = capsys.readouterr().out
+    assert "already done, skipped" not in out and "self_instruct: done under a different config: refused" in out
+
+
 def test_stage2_without_stage1_names_the_key(tmp_path):
     with pytest.raises(UserError, match="self_align.questions_file"):
         run_stages(tiny_config(), str(tmp_path), stages=["self_align"])

@@ -50,7 +50,7 @@ def test_every_stage_writes_records_and_report(smoke_run):
         with open(os.path.join(wd, stage, "manifest.json")) as f:
             assert json.load(f)["done"] is True
         assert f"== stage {stage}: running" in res.stdout
-    assert "NOTE: demo config: a tiny RANDOMLY initialised model" in res.stdout
+    assert "NOTE: demo config: toy settings for a tiny RANDOMLY initialised model" in res.stdout
     def lines(*p):
         with open(os.path.join(wd, *p)) as f:
             return [json.loads(x) for x in f if x.strip()]
@@ -87,6 +87,22 @@ def test_second_run_skips_every_stage(smoke_run):
     assert res.returncode == 0, res.stderr[-2000:]
     for stage in STAGES:
         assert f"== stage {stage}: already done, skipped" in res.stdout
+
+
+def test_bookkeeping_changes_keep_stages_done_and_dry_run_flags_real_changes(smoke_run):
+    wd, _ = smoke_run
+    res = run_cli("--config", SMOKE, "--workdir", wd, "--config.model.remat=full",
+                  "--config.model.batch_size=3", "--config.engrave.train.checkpoint.every_steps=3",
+                  "--config.verbose_clone.train.eval.every_steps=5", "--config.verbose_clone.batch_size=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in STAGES:
+        assert f"== stage {stage}: already done, skipped" in res.stdout
+    res = run_cli("--config", SMOKE, "--workdir", wd, "--dry_run",
+                  "--config.engrave.train.train.learning_rate=0.0123", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = {ln.split()[1]: ln for ln in res.stdout.splitlines() if ln.strip()[:2] in ("1.", "2.", "3.", "4.")}
+    assert "[done (skip)]" in plan["self_align"] and "[done (skip)]" in plan["verbose_clone"], plan
+    assert "[done, but the config changed: refused unless --config.overwrite/force]" in plan["engrave"], plan
 
 
 def _run_until(args, ready, timeout=300):

@@ -17,7 +17,8 @@ from dromedary_jax.pipeline import data as D
 from dromedary_jax.pipeline.defaults import complete
 from dromedary_jax.pipeline.finetune import (finetune_and_save, meta_template, question_text,
                                              train_config, write_sft_files)
-from dromedary_jax.pipeline.records import StageDir, read_jsonl, stage_done, text_digest
+from dromedary_jax.pipeline.records import (Hosts, StageDir, finetune_fingerprint, read_jsonl, stage_done,
+                                            text_digest)
 from dromedary_jax.pipeline.resources import Resources
 
 STAGE = "engrave"
@@ -36,34 +37,57 @@ def kept_answers(workdir: str) -> list[dict]:
     return read_jsonl(os.path.join(workdir, "self_align", "kept.jsonl"))
 
 
-def fingerprint_of(section) -> dict:
-    """What changes a stage's results: everything but logging/progress knobs."""
+def fingerprint_of(section, legacy: bool = False) -> dict:
+    """What changes a stage's results: not the sampler batch size nor the fine-tune's checkpoint/
+    eval/metrics intervals, progress, mesh or dataset-reading knobs (``legacy``: only metrics and
+    debug left out, as older versions did)."""
     d = section.to_dict()
-    for k in ("metrics", "debug"):
-        d.get("train", {}).pop(k, None)
+    if legacy:
+        for k in ("metrics", "debug"):
+            d.get("train", {}).pop(k, None)
+        return d
+    d.pop("batch_size", None)
+    if "train" in d:
+        d["train"] = finetune_fingerprint(section.train)
     return d
+
+
+def _examples(config, workdir: str) -> list[dict]:
+    rows = kept_answers(workdir)
+    if config.engrave.max_records > 0:
+        rows = rows[: config.engrave.max_records]
+    return [{"id": r["id"], "prompt": question_text(r), "response": " " + r["output"].strip()}
+            for r in rows if r["output"].strip()]
+
+
+def stage_dir(config, workdir: str, hosts: Hosts = Hosts()) -> StageDir:
+    """This stage's folder under ``config`` (a completed config); opens nothing."""
+    upstream = require(workdir, "self_align", STAGE)
+    template = meta_template(config.engrave.template, "engrave.template", D.load_assistant(config.data))
+
+    def fp(legacy: bool) -> dict:
+        return {"stage": STAGE, "seed": config.seed,
+                "model": config.model.checkpoint or config.model.preset,
+                "model_overrides": dict(config.model.overrides or {}), "dtype": config.model.dtype,
+                "engrave": fingerprint_of(config.engrave, legacy), "inputs": upstream["config_hash"],
+                "template": text_digest(template)}
+
+    return StageDir(workdir, STAGE, fp(False), hosts, overwrite=config.overwrite, force=config.force,
+                    legacy=[fp(True)])
 
 
 def run(config, workdir: str, resources: Resources | None = None) -> dict:
     config = complete(config)
     res = resources or Resources(config, workdir=workdir)
     e = config.engrave
-    upstream = require(workdir, "self_align", STAGE)
-    rows = kept_answers(workdir)
-    if e.max_records > 0:
-        rows = rows[: e.max_records]
+    require(workdir, "self_align", STAGE)
     assistant = D.load_assistant(config.data)
     template = meta_template(e.template, "engrave.template", assistant)
-    examples = [{"id": r["id"], "prompt": question_text(r), "response": " " + r["output"].strip()}
-                for r in rows if r["output"].strip()]
+    examples = _examples(config, workdir)
     if not examples:
         raise UserError(f"{workdir}/self_align kept no answers, so there is nothing to engrave; "
                         f"see {workdir}/self_align/funnel.md for why they were filtered")
-    fp = {"stage": STAGE, "seed": config.seed, "model": config.model.checkpoint or config.model.preset,
-          "model_overrides": dict(config.model.overrides or {}), "dtype": config.model.dtype,
-          "engrave": fingerprint_of(e), "inputs": upstream["config_hash"],
-          "template": text_digest(template)}
-    stage = StageDir(workdir, STAGE, fp, res.hosts, overwrite=config.overwrite, force=config.force)
+    stage = stage_dir(config, workdir, res.hosts)
     if stage.is_done():
         return stage.manifest()["counts"]
     stage.open()

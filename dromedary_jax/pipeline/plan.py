@@ -16,7 +16,16 @@ GiB = 1024**3
 
 
 def model_config_of(model_cfg) -> tuple[ModelConfig | None, str]:
-    """The ModelConfig a run will use, read from the preset or the checkpoint's json (no weights)."""
+    """The ModelConfig a run will use, read from the preset or the checkpoint's json (no weights),
+    in the run's compute dtype (``model.dtype``, as ``resources.load_model_and_tokenizer``)."""
+    c, origin = _model_config_of(model_cfg)
+    if c is not None and not (model_cfg.preset and not model_cfg.checkpoint
+                              and "dtype" in dict(model_cfg.overrides or {})):
+        c = c.replace(dtype=model_cfg.dtype)
+    return c, origin
+
+
+def _model_config_of(model_cfg) -> tuple[ModelConfig | None, str]:
     overrides = dict(model_cfg.overrides or {})
     if model_cfg.preset and not model_cfg.checkpoint:
         overrides.setdefault("vocab_size", 512 if model_cfg.tokenizer == "builtin:demo"
@@ -50,7 +59,9 @@ def mesh_shape(model_cfg, num_devices: int):
     return dict(zip(MESH_AXES, resolve_mesh_shape(shape, num_devices)))
 
 
-def memory_lines(c: ModelConfig, mesh: dict | None, config) -> list[str]:
+def memory_lines(c: ModelConfig, mesh: dict | None, config,
+                 prompt_len: tuple[int, bool] | None = None) -> list[str]:
+    """``prompt_len``: (principle-prompt tokens, exact?) from :func:`prompt_tokens`."""
     n = c.num_params
     shard = (mesh["fsdp"] * mesh["tensor"]) if mesh else 1
     pbytes = 4 if c.param_dtype == "float32" else 2
@@ -75,17 +86,84 @@ def memory_lines(c: ModelConfig, mesh: dict | None, config) -> list[str]:
             what = "full fine-tune (fp32 params + grads + 2 Adam moments)"
         lines.append(f"{stage} train state: {what}: {state / GiB:.2f} GiB, per device "
                      f"{state / shard / GiB:.2f} GiB (+ activations)")
-    b = int(config.model.batch_size)
-    s = 2048 + int(config.self_align.max_new_tokens)
-    kv = 2 * c.num_layers * b * s * c.num_kv_heads * c.head_dim * (2 if c.dtype == "bfloat16" else 4)
-    kv_shard = (mesh["data"] * mesh["fsdp"] * min(mesh["tensor"], c.num_kv_heads)) if mesh else 1
-    lines.append(f"self_align KV cache: batch {b} x {s} tokens: {kv / GiB:.2f} GiB, per device "
-                 f"{kv / kv_shard / GiB:.2f} GiB")
+    prefix_len, exact = prompt_len if prompt_len is not None else (2048, False)
+    suffix_len = suffix_tokens_estimate(config)
+    kv = kv_cache_estimate(c, mesh, batch=int(config.model.batch_size), prefix_len=prefix_len,
+                           suffix_len=suffix_len, max_new_tokens=int(config.self_align.max_new_tokens))
+    approx = "" if exact else "~"
+    lines.append(f"self_align KV cache ({c.dtype}): shared prefix {approx}{prefix_len} tokens (once, "
+                 f"{kv['prefix_slots']} slots) + batch {kv['batch']} x ({kv['suffix_slots']} ~suffix + "
+                 f"{kv['gen_slots']} generated) slots: {kv['total'] / GiB:.2f} GiB, per device "
+                 f"{kv['per_device'] / GiB:.2f} GiB")
     return lines
 
 
+def _per_device(shape, axes, mesh: dict | None, itemsize: int) -> int:
+    """Bytes of one device's shard of an array with these logical axes, sharded as
+    ``sharding.named_sharding(mesh, axes, shape)`` would shard it (mesh given as axis sizes)."""
+    from types import SimpleNamespace
+
+    from dromedary_jax.sharding import logical_to_spec
+
+    n = math.prod(shape) * itemsize
+    if not mesh:
+        return n
+    spec = logical_to_spec(axes, SimpleNamespace(shape=mesh), shape)
+    div = 1
+    for entry in spec:
+        for ax in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
+            div *= mesh[ax]
+    return n // div
+
+
+def kv_cache_estimate(c: ModelConfig, mesh: dict | None, *, batch: int, prefix_len: int,
+                      suffix_len: int, max_new_tokens: int) -> dict:
+    """Bytes of the sampler's caches (``sampling.decode_loop.prefill``, ``prefix_cache``): the
+    shared prefix ONCE ([L, 1, bucket(P), KV, hd]) plus per-row caches of bucket(suffix) +
+    bucket(max_new_tokens) slots, k/v in the compute dtype, pos/seg int32; ``per_device`` divides
+    each array over the mesh axes that shard it (``model.llama.CACHE_AXES``)."""
+    import jax.numpy as jnp
+
+    from dromedary_jax.model.llama import CACHE_AXES
+    from dromedary_jax.sampling.buckets import bucket, round_up
+
+    rows = (mesh["data"] * mesh["fsdp"]) if mesh else 1
+    B = round_up(max(int(batch), 1), rows)
+    Pb, T, G = bucket(prefix_len), bucket(suffix_len), bucket(max_new_tokens)
+    kv_item = jnp.dtype(c.dtype).itemsize
+    total = per_device = 0
+    for b, s in ((1, Pb), (B, T + G)):
+        kv = (c.num_layers, b, s, c.num_kv_heads, c.head_dim)
+        for name, shape, item in (("k", kv, kv_item), ("v", kv, kv_item), ("pos", (b, s), 4), ("seg", (b, s), 4)):
+            total += math.prod(shape) * item
+            per_device += _per_device(shape, CACHE_AXES[name], mesh, item)
+    return {"total": total, "per_device": per_device, "batch": B, "prefix_slots": Pb,
+            "suffix_slots": T, "gen_slots": G}
+
+
+def suffix_tokens_estimate(config) -> int:
+    """A stage-2 row's suffix (question + input + the '(internal thoughts):' header), in tokens:
+    ~1.5 tokens per word of the longest vanilla self-instruct question, plus the header."""
+    return int(1.5 * int(config.self_instruct.vanilla.max_words)) + 16
+
+
+def prompt_tokens(config, rendered) -> tuple[int, bool]:
+    """(tokens of the principle prompt, exact?): counted with the run's tokenizer when one is
+    readable here without building anything, else estimated from its length (~3.5 chars/token)."""
+    m = config.model
+    path = m.tokenizer or m.checkpoint
+    if path and path != "builtin:demo" and os.path.exists(path):
+        try:
+            from dromedary_jax.tokenizer import load_tokenizer
+
+            return len(load_tokenizer(path).encode(rendered.prefix)), True
+        except Exception:  # an unreadable tokenizer: the real run reports it; estimate here
+            pass
+    return math.ceil(len(rendered.prefix) / 3.5), False
+
+
 def stage_plan(config, workdir: str, stages) -> list[str]:
-    from dromedary_jax.pipeline.records import stage_done
+    from dromedary_jax.run import stage_status
 
     notes = {
         "self_instruct": lambda: (f"topics {config.self_instruct.topics.rounds} rounds; vanilla up to "
@@ -100,8 +178,9 @@ def stage_plan(config, workdir: str, stages) -> list[str]:
     }
     out = []
     for i, name in enumerate(stages, 1):
-        status = "done (skip)" if workdir and stage_done(workdir, name) else (
-            "resume" if workdir and os.path.isdir(os.path.join(workdir, name)) else "run")
+        state = stage_status(config, workdir, name)
+        status = {"done": "done (skip)", "changed": "done, but the config changed: refused unless "
+                  "--config.overwrite/force"}.get(state, state)
         out.append(f"{i}. {name:14s} [{status}] {notes[name]()}")
     return out
 
@@ -119,6 +198,17 @@ def print_dry_run(config, workdir: str, stages, devices: int = 0) -> None:
     from dromedary_jax.pipeline.defaults import complete
 
     config = complete(config)
+    # the stage-2 prompt is text assembly: build it here so a bad drop_principles / exemplar
+    # setting fails the dry run with the same UserError as the real run
+    from dromedary_jax.errors import UserError
+    from dromedary_jax.pipeline.self_align import render_prompt
+
+    try:
+        rendered, _ = render_prompt(config)
+    except UserError:
+        if "self_align" in stages:
+            raise
+        rendered = None
     print("== resolved config")
     print(config)
     c, origin = model_config_of(config.model)
@@ -128,7 +218,8 @@ def print_dry_run(config, workdir: str, stages, devices: int = 0) -> None:
           f"{jax.device_count()} visible here, --devices N to plan for another count)")
     print(f"== model: {origin}")
     if c is not None:
-        for line in memory_lines(c, mesh, config):
+        plen = prompt_tokens(config, rendered) if rendered is not None else None
+        for line in memory_lines(c, mesh, config, plen):
             print("   " + line)
     print("== stage plan" + (f" in {workdir}" if workdir else ""))
     for line in stage_plan(config, workdir, stages):

@@ -11,11 +11,14 @@ Rules: a rerun skips ids already present in ANY shard of a name (so a restart wi
 host count still resumes); a line cut short by a kill is dropped on the next open; every batch is
 flushed (and fsync'ed) before the next one starts, so a kill loses at most the batch in flight.
 Outputs of a different config are refused unless ``overwrite`` (start that stage over) or
-``force`` (append anyway) is set.
+``force`` (append anyway) is set; a folder with no outputs yet (no written shard, manifest or
+fine-tune checkpoint) does not lock. The hash covers only what changes a stage's outputs (see
+``model_fingerprint`` / ``finetune_fingerprint``). A full disk (ENOSPC/EDQUOT) is a UserError.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
@@ -28,6 +31,14 @@ from dromedary_jax.errors import UserError
 
 _SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.jsonl$")
 NON_SEMANTIC_KEYS = frozenset({"batch_size", "delay_s", "overwrite", "force", "progress"})
+# config.model keys that do not change what a sampling stage generates (memory/speed/bookkeeping)
+MODEL_BOOKKEEPING_KEYS = frozenset({"remat", "mesh", "progress", "batch_size", "delay_s"})
+# fine-tune section keys (dotted paths) that do not change the trained weights: checkpoint and
+# eval/metrics intervals, progress, the device mesh, where/how the prepared dataset is read
+FINETUNE_BOOKKEEPING_KEYS = ("checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
+                             "eval.every_steps", "metrics", "debug", "mesh", "data.prepared_dir",
+                             "data.prepare_timeout_s", "data.read_threads")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------------------ hosts
@@ -81,6 +92,28 @@ def strip_non_semantic(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [strip_non_semantic(v) for v in obj]
     return obj
+
+
+def model_fingerprint(model_cfg) -> dict:
+    """What of ``config.model`` changes a sampling stage's generations (not remat, mesh, progress,
+    batch size or the scripted model's delay)."""
+    d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    return strip_non_semantic({k: v for k, v in d.items() if k not in MODEL_BOOKKEEPING_KEYS})
+
+
+def finetune_fingerprint(train_cfg) -> dict:
+    """A fine-tune section without the keys that do not change the trained weights
+    (:data:`FINETUNE_BOOKKEEPING_KEYS`)."""
+    d = json.loads(json.dumps(train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg),
+                              default=str))
+    for dotted in FINETUNE_BOOKKEEPING_KEYS:
+        *parents, last = dotted.split(".")
+        node = d
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return d
 
 
 def config_hash(fingerprint: Any) -> str:
@@ -168,10 +201,19 @@ class ShardWriter:
             self.done.add(rid)
             lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
         if lines:
-            self._f.write("".join(lines))
-            self._f.flush()
-            if self.fsync:
-                os.fsync(self._f.fileno())
+            try:
+                self._f.write("".join(lines))
+                self._f.flush()
+                if self.fsync:
+                    os.fsync(self._f.fileno())
+            except OSError as e:
+                if e.errno not in _DISK_FULL:
+                    raise
+                try:  # the unwritten rest of the batch is dropped; a cut line is repaired on resume
+                    self._f.close()
+                except OSError:
+                    pass
+                raise disk_full_error(self.path, e) from None
 
     def close(self) -> None:
         self._f.close()
@@ -183,25 +225,48 @@ class ShardWriter:
         self.close()
 
 
+def disk_full_error(path: str, e: OSError) -> UserError:
+    what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
+    return UserError(f"{path}: {what} while writing records; free some space (or raise the quota) "
+                     f"and rerun the same command: it resumes from the records already written")
+
+
 # ------------------------------------------------------------------------------------ atomic files
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def _write_atomic(path: str, write: Callable[[Any], Any]) -> Any:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            out = write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise disk_full_error(path, e) from None
+    return out
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    def write(f):
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)
+
+    _write_atomic(path, write)
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> int:
-    tmp = f"{path}.tmp{os.getpid()}"
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    def write(f):
+        n = 0
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
-    return n
+        return n
+
+    return _write_atomic(path, write)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -213,13 +278,22 @@ def read_jsonl(path: str) -> list[dict]:
 class StageDir:
     """One stage's output folder: config lock, shards, derived files, manifest."""
 
-    def __init__(self, workdir: str, stage: str, fingerprint: Any, hosts: Hosts,
-                 overwrite: bool = False, force: bool = False):
+    def __init__(self, workdir: str, stage: str, fingerprint: Any, hosts: Hosts = Hosts(),
+                 overwrite: bool = False, force: bool = False, legacy: Iterable[Any] = ()):
+        """``legacy``: fingerprints of the same config as older versions computed them; a folder
+        written under one of them keeps its hash (so upgrading does not lock finished stages)."""
         self.path = os.path.join(workdir, stage)
         self.stage, self.hosts = stage, hosts
         self.fingerprint = fingerprint
         self.hash = config_hash(fingerprint)
         self.overwrite, self.force = bool(overwrite), bool(force)
+        legacy = {config_hash(fp): fp for fp in legacy}
+        if legacy:
+            m = self.manifest()
+            for stored in (self.stored_hash(), m.get("config_hash") if m else None):
+                if stored is not None and stored != self.hash and stored in legacy:
+                    self.hash, self.fingerprint = stored, legacy[stored]
+                    break
 
     # -- lock
     def _lock_path(self) -> str:
@@ -235,6 +309,8 @@ class StageDir:
     def open(self) -> "StageDir":
         """Check the config lock (refuse a different config unless overwrite/force) and write it."""
         old = self.stored_hash()
+        if old is not None and old != self.hash and not self.has_outputs():
+            old = None  # nothing was written under the old config (e.g. its model failed to load)
         if old is not None and old != self.hash:
             if self.overwrite:
                 if self.hosts.is_main:
@@ -253,6 +329,19 @@ class StageDir:
         self.hosts.barrier(f"{self.stage}-lock-written")
         os.makedirs(self.path, exist_ok=True)
         return self
+
+    def has_outputs(self) -> bool:
+        """Whether the folder holds results a config change would invalidate: record shards, a
+        manifest or fine-tune checkpoints (derived files are re-made on every run)."""
+        if not os.path.isdir(self.path):
+            return False
+        if os.path.exists(self.file("manifest.json")):
+            return True
+        for f in os.listdir(self.path):  # a shard opened but never written to does not count
+            if _SHARD_RE.match(f) and os.path.getsize(os.path.join(self.path, f)) > 0:
+                return True
+        ckpt = os.path.join(self.path, "train", "checkpoints")
+        return os.path.isdir(ckpt) and bool(os.listdir(ckpt))
 
     # -- records
     def writer(self, name: str) -> ShardWriter:
@@ -286,11 +375,16 @@ class StageDir:
         self.hosts.barrier(f"{self.stage}-manifest")
 
 
-def stage_done(workdir: str, stage: str) -> dict | None:
-    """The manifest of a finished stage, or None."""
+def stage_done(workdir: str, stage: str, expected_hash: str | None = None) -> dict | None:
+    """The manifest of a finished stage, or None; with ``expected_hash``, None also when the stage
+    was finished under a different config (a run would refuse it, not skip it)."""
     p = os.path.join(workdir, stage, "manifest.json")
     if not os.path.exists(p):
         return None
     with open(p) as f:
         m = json.load(f)
-    return m if m.get("done") else None
+    if not m.get("done"):
+        return None
+    if expected_hash is not None and m.get("config_hash") != expected_hash:
+        return None
+    return m

@@ -4,7 +4,8 @@ fake) and the host layout. Built lazily, once per run, and shared by the stages.
 ``config.model`` picks the generator:
 
 * ``kind = "scripted"``: ``ScriptedGenerator`` (no model; tests and demos);
-* ``checkpoint``: ``dj.load_model(checkpoint, dtype)`` + ``load_tokenizer(tokenizer or checkpoint)``;
+* ``checkpoint``: ``dj.load_model(checkpoint, dtype, mesh)`` + ``load_tokenizer(tokenizer or checkpoint)``
+  (every stage loads its model folders so, via ``load_run_model``: on ``model.mesh`` in ``model.dtype``);
 * ``preset``: a randomly initialised ``Llama(preset(name, **overrides), rngs=nnx.Rngs(seed))``
   with ``tokenizer`` (its vocab size overrides the preset's unless ``overrides`` sets one).
 
@@ -46,10 +47,9 @@ def load_model_and_tokenizer(model_cfg, seed: int = 0, workdir: str = ""):
         raise UserError("config.model: the training stages need a real model; set model.checkpoint "
                         "or model.preset beside model.kind='scripted'")
     if kind == "checkpoint":
-        import dromedary_jax as dj
-
+        check_checkpoint(model_cfg)
         tokenizer = load_tokenizer_for(model_cfg, workdir, default=model_cfg.checkpoint)
-        model = dj.load_model(model_cfg.checkpoint, dtype=model_cfg.dtype, mesh=model_mesh(model_cfg))
+        model = load_run_model(model_cfg, model_cfg.checkpoint)
         model.config = model.config.replace(remat=model_cfg.remat)
         return model, tokenizer
     if kind == "preset":
@@ -80,6 +80,28 @@ def load_model_and_tokenizer(model_cfg, seed: int = 0, workdir: str = ""):
     raise UserError(f"config.model.kind={kind!r} has no model")
 
 
+def check_checkpoint(model_cfg) -> str:
+    """The format of ``model.checkpoint`` ('hf', 'meta' or 'orbax'); a UserError naming the key
+    when the path is not a model folder."""
+    from dromedary_jax.checkpoint import detect_format
+
+    path = model_cfg.checkpoint
+    try:
+        return detect_format(path)
+    except UserError as e:
+        msg = str(e)
+        msg = msg[len(path):].lstrip(" :") if path and msg.startswith(path) else msg
+        raise UserError(f"config.model.checkpoint={path}: {msg}") from None
+
+
+def load_run_model(model_cfg, path: str):
+    """A model folder loaded the way every stage loads its models: on the run's mesh
+    (``model.mesh``) in the run's compute dtype (``model.dtype``)."""
+    import dromedary_jax as dj
+
+    return dj.load_model(path, dtype=model_cfg.dtype, mesh=model_mesh(model_cfg))
+
+
 def model_mesh(model_cfg):
     """The mesh of ``model.mesh`` (None for an empty shape: one device, no mesh)."""
     shape = tuple(model_cfg.get("mesh") or ())
@@ -100,6 +122,10 @@ def load_tokenizer_for(model_cfg, workdir: str = "", default: str = ""):
         from dromedary_jax.pipeline.demo_tokenizer import ensure_demo_tokenizer
 
         path = ensure_demo_tokenizer(os.path.join(workdir or ".", "tokenizer"))
+    if not model_cfg.tokenizer and default and os.path.isdir(path) and not any(
+            os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.model", "tokenizer.json")):
+        raise UserError(f"config.model.checkpoint={path}: no tokenizer.model or tokenizer.json in "
+                        f"this folder; set --config.model.tokenizer=PATH (a tokenizer file or folder)")
     return load_tokenizer(path)
 
 

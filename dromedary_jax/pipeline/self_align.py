@@ -35,7 +35,7 @@ from dromedary_jax.pipeline.defaults import complete
 from dromedary_jax.pipeline.loop import generate_into, sampling_kwargs
 from dromedary_jax.pipeline.principles import (RenderedPrompt, build_prompt, cited_principles, load_spec,
                                                question_suffix)
-from dromedary_jax.pipeline.records import (StageDir, stage_done, strip_non_semantic, text_digest,
+from dromedary_jax.pipeline.records import (Hosts, StageDir, model_fingerprint, stage_done, strip_non_semantic, text_digest,
                                             write_jsonl_atomic)
 from dromedary_jax.pipeline.report import funnel_steps, write_funnel
 from dromedary_jax.pipeline.resources import Resources
@@ -166,22 +166,44 @@ def questions_path(config, workdir: str) -> tuple[str, str]:
     return path, "self_align.questions_file"
 
 
+def load_questions(config, workdir: str) -> list[dict]:
+    qpath, qkey = questions_path(config, workdir)
+    questions = D.load_questions(qpath, qkey)
+    if config.self_align.max_questions > 0:
+        questions = questions[: config.self_align.max_questions]
+    return questions
+
+
+def fingerprint(config, prefix_id: str, questions, legacy: bool = False) -> dict:
+    """What changes this stage's records (``legacy``: as older versions computed it)."""
+    model = strip_non_semantic(config.model.to_dict()) if legacy else model_fingerprint(config.model)
+    return {"stage": STAGE, "seed": config.seed, "model": model,
+            "data": config.data.to_dict(), "self_align": strip_non_semantic(config.self_align.to_dict()),
+            "prefix": prefix_id, "questions": text_digest("\n".join(f"{q['id']}\t{q['instruction']}\t{q['input']}"
+                                                                     for q in questions))}
+
+
+def stage_dir(config, workdir: str, hosts: Hosts = Hosts(), rendered=None, questions=None) -> StageDir:
+    """This stage's folder under ``config`` (a completed config); opens nothing."""
+    if rendered is None:
+        rendered, _ = render_prompt(config)
+    if questions is None:
+        questions = load_questions(config, workdir)
+    prefix_id = text_digest(rendered.prefix)
+    return StageDir(workdir, STAGE, fingerprint(config, prefix_id, questions), hosts,
+                    overwrite=config.overwrite, force=config.force,
+                    legacy=[fingerprint(config, prefix_id, questions, legacy=True)])
+
+
 def run(config, workdir: str, resources: Resources | None = None) -> dict:
     """Run stage 2 into ``<workdir>/self_align``; returns the manifest counts."""
     config = complete(config)
     res = resources or Resources(config)
     sa = config.self_align
     rendered, assistant = render_prompt(config)
-    qpath, qkey = questions_path(config, workdir)
-    questions = D.load_questions(qpath, qkey)
-    if sa.max_questions > 0:
-        questions = questions[: sa.max_questions]
+    questions = load_questions(config, workdir)
     prefix_id = text_digest(rendered.prefix)
-    fp = {"stage": STAGE, "seed": config.seed, "model": strip_non_semantic(config.model.to_dict()),
-          "data": config.data.to_dict(), "self_align": strip_non_semantic(sa.to_dict()),
-          "prefix": prefix_id, "questions": text_digest("\n".join(f"{q['id']}\t{q['instruction']}\t{q['input']}"
-                                                                   for q in questions))}
-    stage = StageDir(workdir, STAGE, fp, res.hosts, overwrite=config.overwrite, force=config.force)
+    stage = stage_dir(config, workdir, res.hosts, rendered, questions)
     if stage.is_done():
         return stage.manifest()["counts"]
     stage.open()

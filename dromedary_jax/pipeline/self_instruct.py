@@ -37,7 +37,8 @@ from dromedary_jax.pipeline import data as D
 from dromedary_jax.pipeline.defaults import complete
 from dromedary_jax.pipeline.filters import InstructionFilter, RougeLDeduper
 from dromedary_jax.pipeline.loop import generate_into, log, sampling_kwargs
-from dromedary_jax.pipeline.records import StageDir, strip_non_semantic, text_digest, write_jsonl_atomic
+from dromedary_jax.pipeline.records import (Hosts, StageDir, model_fingerprint, strip_non_semantic, text_digest,
+                                            write_jsonl_atomic)
 from dromedary_jax.pipeline.report import funnel_steps, write_funnel
 from dromedary_jax.pipeline.resources import Resources
 
@@ -333,10 +334,23 @@ def run_vanilla(stage, gen, cfg, seed) -> tuple[list[dict], list]:
 
 # ------------------------------------------------------------------------------------ stage
 
-def fingerprint(config, files: dict[str, str]) -> dict:
-    return {"stage": STAGE, "seed": config.seed, "model": strip_non_semantic(config.model.to_dict()),
+def fingerprint(config, files: dict[str, str], legacy: bool = False) -> dict:
+    """What changes this stage's records (``legacy``: as versions before the model's bookkeeping
+    keys were left out computed it, so their finished folders stay valid)."""
+    model = strip_non_semantic(config.model.to_dict()) if legacy else model_fingerprint(config.model)
+    return {"stage": STAGE, "seed": config.seed, "model": model,
             "self_instruct": strip_non_semantic(config.self_instruct.to_dict()),
             "inputs": {k: text_digest(v) for k, v in sorted(files.items())}}
+
+
+def stage_dir(config, workdir: str, hosts: Hosts = Hosts()) -> StageDir:
+    """This stage's folder under ``config`` (a completed config); opens nothing."""
+    cfg = config.self_instruct
+    files = {"red_team_seeds": D.read_text(cfg.red_team_seeds, "self_instruct.red_team_seeds")}
+    for key in ("seed_tasks", "topic_template", "question_template", "vanilla_template"):
+        files[key] = D.read_text(cfg[key], f"self_instruct.{key}")
+    return StageDir(workdir, STAGE, fingerprint(config, files), hosts, overwrite=config.overwrite,
+                    force=config.force, legacy=[fingerprint(config, files, legacy=True)])
 
 
 def run(config, workdir: str, resources: Resources | None = None) -> dict:
@@ -345,11 +359,7 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
     res = resources or Resources(config)
     cfg = config.self_instruct
     seeds = D.load_red_team_seeds(cfg.red_team_seeds)
-    files = {"red_team_seeds": D.read_text(cfg.red_team_seeds, "self_instruct.red_team_seeds")}
-    for key in ("seed_tasks", "topic_template", "question_template", "vanilla_template"):
-        files[key] = D.read_text(cfg[key], f"self_instruct.{key}")
-    stage = StageDir(workdir, STAGE, fingerprint(config, files), res.hosts,
-                     overwrite=config.overwrite, force=config.force)
+    stage = stage_dir(config, workdir, res.hosts)
     if stage.is_done():
         return stage.manifest()["counts"]
     stage.open()

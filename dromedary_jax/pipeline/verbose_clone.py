@@ -20,9 +20,9 @@ from dromedary_jax.pipeline.engrave import fingerprint_of, kept_answers, require
 from dromedary_jax.pipeline.finetune import (finetune_and_save, meta_template, question_text,
                                              train_config, write_sft_files)
 from dromedary_jax.pipeline.loop import generate_into, sampling_kwargs
-from dromedary_jax.pipeline.records import StageDir, text_digest, write_jsonl_atomic
+from dromedary_jax.pipeline.records import Hosts, StageDir, text_digest, write_jsonl_atomic
 from dromedary_jax.pipeline.report import funnel_steps, write_funnel
-from dromedary_jax.pipeline.resources import Resources, model_generator, model_kind
+from dromedary_jax.pipeline.resources import Resources, load_run_model, model_generator, model_kind
 
 STAGE = "verbose_clone"
 REASONS = ("empty", "too_short", "persona_leak", "duplicate")
@@ -65,10 +65,8 @@ def filter_records(recs, assistant, v) -> list[dict]:
 def engraved_generator(config, workdir: str, res: Resources):
     if model_kind(config.model) == "scripted":
         return res.generator
-    import dromedary_jax as dj
-
     _, tokenizer = res.model_and_tokenizer
-    model = dj.load_model(os.path.join(workdir, "engrave", "model"), dtype=config.model.dtype)
+    model = load_run_model(config.model, os.path.join(workdir, "engrave", "model"))
     return model_generator(model, tokenizer, config.model)
 
 
@@ -89,20 +87,34 @@ def export_hf(model, out_dir: str, hosts) -> None:
     hosts.barrier(f"{out_dir}-export-done")
 
 
+def stage_dir(config, workdir: str, hosts: Hosts = Hosts()) -> StageDir:
+    """This stage's folder under ``config`` (a completed config); opens nothing."""
+    v = config.verbose_clone
+    upstream = require(workdir, "engrave", STAGE)
+    assistant = D.load_assistant(config.data)
+    gen_template = meta_template(v.template, "verbose_clone.template", assistant)
+    distill = meta_template(v.distill_template, "verbose_clone.distill_template", assistant)
+
+    def fp(legacy: bool) -> dict:
+        return {"stage": STAGE, "seed": config.seed, "verbose_clone": fingerprint_of(v, legacy),
+                "inputs": upstream["config_hash"], "templates": text_digest(gen_template + distill)}
+
+    return StageDir(workdir, STAGE, fp(False), hosts, overwrite=config.overwrite, force=config.force,
+                    legacy=[fp(True)])
+
+
 def run(config, workdir: str, resources: Resources | None = None) -> dict:
     config = complete(config)
     res = resources or Resources(config, workdir=workdir)
     v = config.verbose_clone
-    upstream = require(workdir, "engrave", STAGE)
+    require(workdir, "engrave", STAGE)
     questions = kept_answers(workdir)
     if v.max_questions > 0:
         questions = questions[: v.max_questions]
     assistant = D.load_assistant(config.data)
     gen_template = meta_template(v.template, "verbose_clone.template", assistant)
     distill = meta_template(v.distill_template, "verbose_clone.distill_template", assistant)
-    fp = {"stage": STAGE, "seed": config.seed, "verbose_clone": fingerprint_of(v),
-          "inputs": upstream["config_hash"], "templates": text_digest(gen_template + distill)}
-    stage = StageDir(workdir, STAGE, fp, res.hosts, overwrite=config.overwrite, force=config.force)
+    stage = stage_dir(config, workdir, res.hosts)
     if stage.is_done():
         return stage.manifest()["counts"]
     stage.open()
@@ -135,9 +147,8 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
     metrics = finetune_and_save(stage, train_config(v.train, distill), base, tokenizer, files, n_held)
     outputs = {"model": metrics["model"], "metrics": metrics["metrics"], "kept": stage.file("kept.jsonl"), **files}
     if v.export_hf:
-        import dromedary_jax as dj
-
-        export_hf(dj.load_model(metrics["model"]), stage.file("hf"), stage.hosts)
+        # on the run's mesh and dtype (a 65B model does not fit one chip); save_hf gathers per tensor
+        export_hf(load_run_model(config.model, metrics["model"]), stage.file("hf"), stage.hosts)
         outputs["hf"] = stage.file("hf")
     counts = {"generated": len(recs), "kept": len(kept),
               "filtered": dict(Counter(r["filter"] for r in recs if r["filter"])),
