@@ -118,3 +118,13 @@ def _with(c, **sa):
     for k, v in sa.items():
         setattr(c.self_align, k, v)
     return c
+
+
+def test_dry_run_mesh_error_suggests_devices():
+    c = load_config("dromedary_65b")
+    c.model.mesh = (1, -1, 3)  # divides no power-of-two device count visible here
+    with pytest.raises(UserError, match=r"does not divide .* pass --devices N to plan"):
+        plan.print_dry_run(c, "", STAGES)
+    with pytest.raises(UserError, match=r"does not divide") as e:  # --devices given: no hint
+        plan.print_dry_run(c, "", STAGES, devices=4)
+    assert "--devices N" not in str(e.value)

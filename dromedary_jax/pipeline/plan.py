@@ -213,7 +213,13 @@ def print_dry_run(config, workdir: str, stages, devices: int = 0) -> None:
     print(config)
     c, origin = model_config_of(config.model)
     n_dev = devices or jax.device_count()
-    mesh = mesh_shape(config.model, n_dev)
+    try:
+        mesh = mesh_shape(config.model, n_dev)
+    except UserError as e:
+        if devices:
+            raise
+        raise UserError(f"{e} (this machine; pass --devices N to plan for the N devices of the "
+                        "run, e.g. --devices 128 for a v4-256)") from None
     print(f"== mesh: {mesh if mesh else 'none (one device)'}  (planned for {n_dev} devices; "
           f"{jax.device_count()} visible here, --devices N to plan for another count)")
     print(f"== model: {origin}")
