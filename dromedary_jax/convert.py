@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     mesh = parse_mesh(args.mesh)
     max_shard = parse_size(args.max_shard_size)
 
-    from dromedary_jax.checkpoint.folders import is_nonempty_dir, make_out_dir
+    from dromedary_jax.output_paths import is_nonempty_dir, make_out_dir
 
     if not args.overwrite and is_nonempty_dir(args.dst):
         raise UserError(f"--dst {args.dst} is not empty; pass --overwrite to replace the model "

@@ -121,15 +121,26 @@ def _special_from_config(folder: str) -> dict:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in a folder, in order of preference
+
+
+def tokenizer_file_in(folder: str) -> str | None:
+    """The tokenizer file :func:`load_tokenizer` takes from ``folder``, or None."""
+    for name in TOKENIZER_FILES:
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """A SentencePiece ``.model`` file, a ``tokenizer.json``, or a folder holding one of them
     (``tokenizer.model`` is preferred over ``tokenizer.json`` when both are present)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in ("tokenizer.model", "tokenizer.json"):
-            candidate = os.path.join(path, name)
-            if os.path.isfile(candidate):
-                return load_tokenizer(candidate)
+        candidate = tokenizer_file_in(path)
+        if candidate is not None:
+            return load_tokenizer(candidate)
         raise UserError(f"{path}: no tokenizer.model or tokenizer.json in this folder")
     if not os.path.isfile(path):
         raise UserError(f"tokenizer not found: {path}")

@@ -284,8 +284,7 @@ def save_hf(model, out_dir: str, dtype: str = "float32", *,
     """
     from safetensors.numpy import save_file
 
-    from dromedary_jax.checkpoint.folders import (check_out_dir, folder_arg, is_nonempty_dir,
-                                                  make_out_dir)
+    from dromedary_jax.output_paths import check_out_dir, folder_arg, is_nonempty_dir, make_out_dir
     from dromedary_jax.checkpoint.orbax_io import MARKER
 
     if dtype not in STORAGE_DTYPES:

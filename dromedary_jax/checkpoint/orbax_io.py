@@ -47,7 +47,7 @@ def save_checkpoint(model, out_dir: str, *, overwrite: bool = False) -> str:
     """
     import orbax.checkpoint as ocp
 
-    from dromedary_jax.checkpoint.folders import check_out_dir, folder_arg, make_out_dir
+    from dromedary_jax.output_paths import check_out_dir, folder_arg, make_out_dir
 
     out = os.path.abspath(folder_arg(out_dir, "save_checkpoint out_dir"))
     check_out_dir(out, "save_checkpoint out_dir")

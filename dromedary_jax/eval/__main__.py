@@ -104,13 +104,13 @@ def _check_numbers(args) -> None:
 def _check_model_folder(args) -> None:
     """The model folder holds a checkpoint and, unless --tokenizer is given, a tokenizer."""
     from dromedary_jax.checkpoint import detect_format
+    from dromedary_jax.tokenizer import tokenizer_file_in
 
     try:
         detect_format(args.model)
     except UserError as e:
         raise UserError(f"--model {e}") from None
-    if not args.tokenizer and not any(os.path.isfile(os.path.join(args.model, name))
-                                      for name in ("tokenizer.model", "tokenizer.json")):
+    if not args.tokenizer and tokenizer_file_in(args.model) is None:
         raise UserError(f"--model {args.model}: no tokenizer.model or tokenizer.json in the model "
                         f"folder; pass --tokenizer PATH (a tokenizer .model / tokenizer.json file "
                         f"or a folder holding one)")
@@ -119,7 +119,8 @@ def _check_model_folder(args) -> None:
 def run_eval(args) -> dict:
     from dromedary_jax import eval as ev
     from dromedary_jax.eval import truthfulqa as tqa
-    from dromedary_jax.eval.data import check_out_file, read_text
+    from dromedary_jax.eval.data import read_text
+    from dromedary_jax.output_paths import check_out_file
     from dromedary_jax.eval.hhh import aggregate as hhh_aggregate
     from dromedary_jax.tokenizer import load_tokenizer
 

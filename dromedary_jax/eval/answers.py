@@ -34,7 +34,8 @@ import jax
 
 from dromedary_jax.distributed import allgather_texts
 from dromedary_jax.errors import UserError
-from dromedary_jax.eval.data import check_out_file, read_json_or_jsonl
+from dromedary_jax.eval.data import read_json_or_jsonl
+from dromedary_jax.output_paths import check_out_file
 
 
 def load_questions(path: str) -> list[dict]:

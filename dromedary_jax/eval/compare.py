@@ -12,7 +12,7 @@ import os
 from typing import Mapping, Sequence
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.eval.data import check_out_folder
+from dromedary_jax.output_paths import check_out_folder
 from dromedary_jax.jsonl import read_json
 
 OUT_FILES = ("comparison.md", "comparison.png")

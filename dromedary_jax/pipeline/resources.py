@@ -115,15 +115,15 @@ def model_mesh(model_cfg):
 def load_tokenizer_for(model_cfg, workdir: str = "", default: str = ""):
     """``model.tokenizer`` (a path, or ``builtin:demo``: a tiny SentencePiece model trained on this
     project's data/ files into ``<workdir>/tokenizer``), else ``default``."""
-    from dromedary_jax.tokenizer import load_tokenizer
+    from dromedary_jax.tokenizer import load_tokenizer, tokenizer_file_in
 
     path = model_cfg.tokenizer or default
     if path == "builtin:demo":
         from dromedary_jax.pipeline.demo_tokenizer import ensure_demo_tokenizer
 
         path = ensure_demo_tokenizer(os.path.join(workdir or ".", "tokenizer"))
-    if not model_cfg.tokenizer and default and os.path.isdir(path) and not any(
-            os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.model", "tokenizer.json")):
+    if not model_cfg.tokenizer and default and os.path.isdir(path) and \
+            tokenizer_file_in(path) is None:
         raise UserError(f"config.model.checkpoint={path}: no tokenizer.model or tokenizer.json in "
                         f"this folder; set --config.model.tokenizer=PATH (a tokenizer file or folder)")
     return load_tokenizer(path)
