@@ -60,10 +60,16 @@ def _examples(config, workdir: str) -> list[dict]:
             for r in rows if r["output"].strip()]
 
 
-def stage_dir(config, workdir: str, hosts: Hosts = Hosts()) -> StageDir:
-    """This stage's folder under ``config`` (a completed config); opens nothing."""
+def template_of(config) -> str:
+    """This stage's meta-prompt template."""
+    return meta_template(config.engrave.template, "engrave.template", D.load_assistant(config.data))
+
+
+def stage_dir(config, workdir: str, hosts: Hosts = Hosts(), template: str | None = None) -> StageDir:
+    """This stage's folder under ``config`` (a completed config; ``template``: its
+    :func:`template_of`, when already read); opens nothing."""
     upstream = require(workdir, "self_align", STAGE)
-    template = meta_template(config.engrave.template, "engrave.template", D.load_assistant(config.data))
+    template = template_of(config) if template is None else template
 
     def fp(legacy: bool) -> dict:
         return {"stage": STAGE, "seed": config.seed,
@@ -81,13 +87,12 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
     res = resources or Resources(config, workdir=workdir)
     e = config.engrave
     require(workdir, "self_align", STAGE)
-    assistant = D.load_assistant(config.data)
-    template = meta_template(e.template, "engrave.template", assistant)
+    template = template_of(config)
     examples = _examples(config, workdir)
     if not examples:
         raise UserError(f"{workdir}/self_align kept no answers, so there is nothing to engrave; "
                         f"see {workdir}/self_align/funnel.md for why they were filtered")
-    stage = stage_dir(config, workdir, res.hosts)
+    stage = stage_dir(config, workdir, res.hosts, template)
     if stage.is_done():
         return stage.manifest()["counts"]
     stage.open()

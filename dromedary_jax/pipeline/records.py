@@ -31,8 +31,9 @@ from dromedary_jax.errors import UserError
 
 _SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.jsonl$")
 NON_SEMANTIC_KEYS = frozenset({"batch_size", "delay_s", "overwrite", "force", "progress"})
-# config.model keys that do not change what a sampling stage generates (memory/speed/bookkeeping)
-MODEL_BOOKKEEPING_KEYS = frozenset({"remat", "mesh", "progress", "batch_size", "delay_s"})
+# config.model keys that do not change what a sampling stage generates (memory/speed), beyond the
+# NON_SEMANTIC_KEYS every fingerprint drops (batch_size, progress, delay_s, ...)
+MODEL_BOOKKEEPING_KEYS = frozenset({"remat", "mesh"})
 # fine-tune section keys (dotted paths) that do not change the trained weights: checkpoint and
 # eval/metrics intervals, progress, the device mesh, where/how the prepared dataset is read
 FINETUNE_BOOKKEEPING_KEYS = ("checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",

@@ -87,13 +87,20 @@ def export_hf(model, out_dir: str, hosts) -> None:
     hosts.barrier(f"{out_dir}-export-done")
 
 
-def stage_dir(config, workdir: str, hosts: Hosts = Hosts()) -> StageDir:
-    """This stage's folder under ``config`` (a completed config); opens nothing."""
+def meta_prompts(config) -> tuple[dict, str, str]:
+    """(assistant, generation meta-prompt, distillation meta-prompt) of this stage."""
+    v = config.verbose_clone
+    assistant = D.load_assistant(config.data)
+    return (assistant, meta_template(v.template, "verbose_clone.template", assistant),
+            meta_template(v.distill_template, "verbose_clone.distill_template", assistant))
+
+
+def stage_dir(config, workdir: str, hosts: Hosts = Hosts(), meta=None) -> StageDir:
+    """This stage's folder under ``config`` (a completed config; ``meta``: its
+    :func:`meta_prompts`, when already read); opens nothing."""
     v = config.verbose_clone
     upstream = require(workdir, "engrave", STAGE)
-    assistant = D.load_assistant(config.data)
-    gen_template = meta_template(v.template, "verbose_clone.template", assistant)
-    distill = meta_template(v.distill_template, "verbose_clone.distill_template", assistant)
+    _, gen_template, distill = meta or meta_prompts(config)
 
     def fp(legacy: bool) -> dict:
         return {"stage": STAGE, "seed": config.seed, "verbose_clone": fingerprint_of(v, legacy),
@@ -111,10 +118,9 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
     questions = kept_answers(workdir)
     if v.max_questions > 0:
         questions = questions[: v.max_questions]
-    assistant = D.load_assistant(config.data)
-    gen_template = meta_template(v.template, "verbose_clone.template", assistant)
-    distill = meta_template(v.distill_template, "verbose_clone.distill_template", assistant)
-    stage = stage_dir(config, workdir, res.hosts)
+    meta = meta_prompts(config)
+    assistant, gen_template, distill = meta
+    stage = stage_dir(config, workdir, res.hosts, meta)
     if stage.is_done():
         return stage.manifest()["counts"]
     stage.open()
