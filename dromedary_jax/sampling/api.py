@@ -363,8 +363,9 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                 is_stopped: Callable[[list[int]], bool] | None = None,
                 stop_check_every: int = 16, progress: bool | None = None,
                 compile_only: bool = False) -> list[list[int]]:
-    """The batching loop behind ``generate``: new tokens per prompt (EOS excluded).
-    ``compile_only``: compile the programs the call needs, run nothing, return []."""
+    """The batching loop behind ``generate``: new tokens per prompt (EOS excluded). Its
+    arguments are already checked (``generate`` / ``generate_text``: prompts, settings, batch
+    size, length). ``compile_only``: compile the programs the call needs, run nothing, return []."""
     if prefix is not None and not prefix.matches(model):
         raise UserError("shared_prefix was prefilled with different model weights or config; "
                         "prefill it again for this model")
@@ -374,13 +375,10 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     n = len(prompts)
     max_new = int(knobs["max_new"])
     p_len = 0 if prefix is None else prefix.length
-    batch_size = _int_arg("batch_size", batch_size, 1)
-    stop_check_every = _int_arg("stop_check_every", stop_check_every, 1)
     n_all = global_max(n)
     B = round_up(min(batch_size, max(n_all, 1)), _batch_rows_per_process(model.mesh))
     G = bucket(max_new)
     longest = max((len(p) for p in prompts), default=1)
-    _check_length(model.config, p_len + longest, max_new)
     if p_len + longest + max_new > model.config.max_seq_len:
         warnings.warn(f"prompt ({p_len + longest} tokens) + max_new_tokens ({max_new}) exceeds the "
                       f"model's max_seq_len {model.config.max_seq_len}", stacklevel=3)
