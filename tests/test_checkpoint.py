@@ -129,16 +129,31 @@ def test_hf_load_bfloat16_params_and_compute(hf_saved):
 
 
 # ----------------------------------------------------------------------------- Meta import
-def _write_meta(hf, folder, n_shards, tokenizer=None):
-    """A Meta folder (params.json + consolidated.NN.pth) holding ``hf``'s weights."""
+# family -> (params.json entries, the axis Meta's reference code splits tok_embeddings along,
+#           the context length an import must infer, LlamaConfig overrides of the same model)
+META_FAMILIES = {
+    "llama1": (dict(norm_eps=1e-6), 1, 2048, dict(rms_norm_eps=1e-6)),
+    "llama2": (dict(norm_eps=1e-5), 1, 4096, dict(rms_norm_eps=1e-5)),
+    "llama3": (dict(norm_eps=1e-5, rope_theta=500000.0), 0, 8192,
+               dict(rms_norm_eps=1e-5, rope_theta=500000.0)),
+    "llama3.1": (dict(norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True), 0, 131072,
+                 dict(rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=dict(
+                     rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192))),
+}
+
+
+def _write_meta(hf, folder, n_shards, tokenizer=None, params=None, embed_dim=1):
+    """A Meta folder (params.json + consolidated.NN.pth) holding ``hf``'s weights, its
+    tok_embeddings split along ``embed_dim`` (LLaMA-1/2: 1, LLaMA-3: 0)."""
     c = hf.config
     H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
     hd = D // H
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "params.json"), "w") as f:
-        json.dump(dict(dim=D, n_layers=c.num_hidden_layers, n_heads=H, n_kv_heads=KV,
-                       vocab_size=-1, multiple_of=32, ffn_dim_multiplier=0.75,
-                       norm_eps=c.rms_norm_eps, rope_theta=10000.0), f)
+        json.dump(dict(dict(dim=D, n_layers=c.num_hidden_layers, n_heads=H, n_kv_heads=KV,
+                            vocab_size=-1, multiple_of=32, ffn_dim_multiplier=0.75,
+                            norm_eps=c.rms_norm_eps, rope_theta=10000.0), **(params or {})), f)
     if tokenizer:
         shutil.copy(tokenizer, os.path.join(folder, "tokenizer.model"))
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
@@ -146,7 +161,7 @@ def _write_meta(hf, folder, n_shards, tokenizer=None):
     def unpermute(w, n):  # HF rotate_half rows -> Meta interleaved rows (inverse of HF permute)
         return w.view(n, 2, hd // 2, D).transpose(1, 2).reshape(n * hd, D)
 
-    full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
+    full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], embed_dim),
             "norm.weight": (sd["model.norm.weight"], None),
             "output.weight": (sd["lm_head.weight"], 0)}
     names = {"attention.wq": ("self_attn.q_proj", 0), "attention.wk": ("self_attn.k_proj", 0),
@@ -185,6 +200,28 @@ def test_meta_folder_matches_transformers(mesh, hf_saved, ids, sp_model_path, tm
     assert model.config.vocab_size == 256 and model.config.num_kv_heads == 2
     assert model.config.intermediate_size == 128
     np.testing.assert_allclose(dj.logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(META_FAMILIES))
+def test_meta_shards_and_context_length_per_family(family, ids, sp_model_path, tmp_path):
+    """2-shard Meta folders of every family: the embedding's shard axis and the context length
+    (params.json has none) come out right, and the logits equal transformers' model."""
+    params, embed_dim, context, hf_cfg = META_FAMILIES[family]
+    hf = tiny_hf_model(7, num_key_value_heads=2, **hf_cfg)
+    folder = _write_meta(hf, str(tmp_path / family), n_shards=2, tokenizer=sp_model_path,
+                         params=params, embed_dim=embed_dim)
+    model = load_model(folder)
+    assert model.config.max_seq_len == context
+    np.testing.assert_allclose(dj.logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_meta_embedding_shards_that_fit_no_family_are_refused():
+    from dromedary_jax.checkpoint.meta import embedding_shard_dim
+
+    assert embedding_shard_dim([(256, 64), (256, 64)], 64, "x") == 0
+    assert embedding_shard_dim([(256, 32), (256, 32)], 64, "x") == 1
+    with pytest.raises(UserError, match="neither"):
+        embedding_shard_dim([(128, 32), (256, 32)], 64, "x")
 
 
 def test_meta_without_torch_says_how_to_install(monkeypatch, tmp_path):

@@ -5,8 +5,11 @@ The model-parallel shards are presented as one virtual HF-layout state dict
 sharding, reading only the slices each device needs:
 
 - column-parallel weights (wq, wk, wv, w1, w3, output) are concatenated along dim 0,
-  row-parallel ones (wo, w2) along dim 1, ``tok_embeddings`` along dim 1 (Meta's
-  ParallelEmbedding splits the embedding dim); norms are replicated (shard 0 is used);
+  row-parallel ones (wo, w2) along dim 1; norms are replicated (shard 0 is used);
+- ``tok_embeddings`` differs by family: LLaMA-1/2's ``ParallelEmbedding`` splits the embedding
+  dim (dim 1), LLaMA-3/3.1's ``VocabParallelEmbedding`` the vocabulary (dim 0). The axis is read
+  off the shard shapes against params.json's ``dim`` (:func:`embedding_shard_dim`), so it is
+  right for every family without being told which one it is;
 - wq/wk rows are permuted from Meta's interleaved RoPE pairs (2i, 2i+1) into the rotate_half
   layout (i, i + head_dim/2) that HF and this project use (inverse of the ``permute`` in HF's
   ``convert_llama_weights_to_hf.py``; per head, so GQA's wk uses n_kv_heads).
@@ -44,7 +47,7 @@ _LAYER_META = {
     "post_attention_layernorm.weight": ("ffn_norm.weight", None, None),
 }
 _GLOBAL_META = {
-    "model.embed_tokens.weight": ("tok_embeddings.weight", 1, None),
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1, None),  # dim: see embedding_shard_dim
     "model.norm.weight": ("norm.weight", None, None),
     "lm_head.weight": ("output.weight", 0, None),
 }
@@ -59,6 +62,46 @@ def _torch():
                         "pip install torch==2.13.0 (or pip install 'dromedary_jax[convert]')"
                         ) from None
     return torch
+
+
+def embedding_shard_dim(shapes: list[tuple[int, ...]], dim: int, where: str) -> int:
+    """The axis ``tok_embeddings`` is split along over Meta shards of these ``shapes``.
+
+    ``dim``: params.json's model dim. [V, dim] shards -> 0 (LLaMA-3 vocabulary-parallel),
+    [V, dim / n] shards -> 1 (LLaMA-1/2 embedding-parallel); a single shard -> 1 (either
+    reads the same). Raises UserError for shards that fit neither layout.
+    """
+    n = len(shapes)
+    if n == 1:
+        return 1
+    if all(len(s) == 2 for s in shapes):
+        if all(s[1] == dim for s in shapes) and len({s[0] for s in shapes}) == 1:
+            return 0
+        if sum(s[1] for s in shapes) == dim and len({s[0] for s in shapes}) == 1:
+            return 1
+    raise UserError(f"{where}: tok_embeddings shards have shapes {shapes}, which fit neither "
+                    f"the vocabulary-parallel (LLaMA-3) nor the embedding-parallel (LLaMA-1/2) "
+                    f"split of dim={dim}")
+
+
+def context_length(params: dict) -> int:
+    """The family's context length for a Meta ``params.json`` (which does not record it).
+
+    ``max_seq_len`` when the file has it; else LLaMA-3.1+ (``use_scaled_rope``): 131072;
+    LLaMA-3 (``rope_theta`` >= 500000): 8192; LLaMA-2 (``norm_eps`` 1e-5, as Meta's LLaMA-2
+    params.json files write it): 4096; LLaMA-1 (``norm_eps`` 1e-6): 2048. The values are the
+    ``max_position_embeddings`` transformers' ``convert_llama_weights_to_hf.py`` gives each
+    ``--llama_version``. Pass ``max_seq_len=`` to ``load_model`` to override.
+    """
+    if params.get("max_seq_len"):
+        return int(params["max_seq_len"])
+    if params.get("use_scaled_rope"):
+        return 131072
+    if float(params.get("rope_theta", 10000.0)) >= 500000.0:
+        return 8192
+    if abs(float(params.get("norm_eps", 1e-6)) - 1e-5) < 1e-9:
+        return 4096
+    return 2048
 
 
 def meta_to_hf_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
@@ -90,7 +133,7 @@ def shard_files(path: str) -> list[str]:
 class MetaSource:
     """Meta shards viewed as one HF-named, HF-layout state dict (see module docstring)."""
 
-    def __init__(self, path: str, head_dim: int):
+    def __init__(self, path: str, head_dim: int, dim: int | None = None):
         torch = _torch()
         self.path = path
         self.head_dim = head_dim
@@ -102,8 +145,15 @@ class MetaSource:
                                               weights_only=True))
             except Exception as e:
                 raise UserError(f"{fp}: cannot be read as a torch checkpoint ({e})") from None
+        self.embed_dim = 1
+        emb = _GLOBAL_META["model.embed_tokens.weight"][0]
+        if dim is not None and all(emb in s for s in self.shards):
+            self.embed_dim = embedding_shard_dim([tuple(s[emb].shape) for s in self.shards],
+                                                 dim, path)
 
     def _meta(self, key: str):
+        if key == "model.embed_tokens.weight":
+            return _GLOBAL_META[key][0], self.embed_dim, None
         if key in _GLOBAL_META:
             return _GLOBAL_META[key]
         m = _LAYER_RE.match(key)
@@ -186,9 +236,11 @@ def load_meta(path: str, mesh=None, *, vocab_size: int | None = None, check_mesh
               **overrides):
     """(ModelConfig, params) from a Meta folder; ``check_mesh(config)`` runs before any read."""
     params_json = _read_params_json(path)
-    head_dim = int(params_json.get("dim", 0)) // max(int(params_json.get("n_heads", 1)), 1)
-    src = MetaSource(path, head_dim)
+    dim = int(params_json.get("dim", 0))
+    head_dim = dim // max(int(params_json.get("n_heads", 1)), 1)
+    src = MetaSource(path, head_dim, dim=dim)
     vs = _vocab_size(path, params_json, vocab_size, src)
+    overrides.setdefault("max_seq_len", context_length(params_json))
     config = ModelConfig.from_meta_params(params_json, vocab_size=vs, **overrides)
     if src.shape("lm_head.weight") is None and not overrides.get("tie_embeddings"):
         if any("output.weight" in s for s in src.shards):
@@ -201,4 +253,4 @@ def load_meta(path: str, mesh=None, *, vocab_size: int | None = None, check_mesh
     return config, params
 
 
-__all__ = ["MetaSource", "load_meta", "meta_to_hf_rows", "hf_to_meta_rows", "shard_files"]
+__all__ = ["MetaSource", "load_meta", "context_length", "embedding_shard_dim", "meta_to_hf_rows", "hf_to_meta_rows", "shard_files"]
