@@ -30,6 +30,23 @@ def sp_model_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_sp_model_path(tmp_path_factory):
+    """A tiny LLaMA-style SentencePiece .model (vocab 400: dummy prefix, byte fallback, no
+    whitespace normalisation), trained once per session."""
+    from helpers import train_tiny_sentencepiece
+
+    return train_tiny_sentencepiece(str(tmp_path_factory.mktemp("spm_llama") / "llama"),
+                                    vocab_size=400, llama_style=True)
+
+
+@pytest.fixture(scope="session")
+def llama_sp_tokenizer(llama_sp_model_path):
+    from dromedary_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(llama_sp_model_path)
+
+
+@pytest.fixture(scope="session")
 def sp_tokenizer(sp_model_path):
     from dromedary_jax.tokenizer import load_tokenizer
 

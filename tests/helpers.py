@@ -52,12 +52,20 @@ def tiny_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tiny_sentencepiece(out_prefix: str, vocab_size: int = 256) -> str:
-    """Train a tiny SentencePiece BPE model (no download); returns the .model path."""
+def train_tiny_sentencepiece(out_prefix: str, vocab_size: int = 256, llama_style: bool = False
+                             ) -> str:
+    """Train a tiny SentencePiece BPE model (no download); returns the .model path.
+
+    ``llama_style``: normalised as LLaMA-1/2's tokenizer.model is (identity normalisation, no
+    removal of extra whitespace, a dummy "▁" prefix, byte fallback, split digits), so encoding
+    " x" at the start of a text gives a lone "▁" piece as LLaMA's does."""
     import sentencepiece as spm
 
+    extra = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                 add_dummy_prefix=True, byte_fallback=True, split_digits=True,
+                 allow_whitespace_only_pieces=True) if llama_style else dict(byte_fallback=False)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(tiny_corpus()), model_prefix=out_prefix, vocab_size=vocab_size,
         model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        byte_fallback=False, minloglevel=2, hard_vocab_limit=False)
+        minloglevel=2, hard_vocab_limit=False, **extra)
     return out_prefix + ".model"

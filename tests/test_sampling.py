@@ -15,6 +15,7 @@ from dromedary_jax.sampling.buckets import bucket
 from dromedary_jax.sampling.decode_loop import decode, prefill
 from dromedary_jax.sampling.logits_processing import ngram_completion_mask
 from dromedary_jax.sampling.stop_strings import truncate_at_stop
+from dromedary_jax.sampling.text import continuation_text, encode_prompts
 from helpers import ours_from_hf, tiny_hf_model
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24], [1, 3],
@@ -29,6 +30,12 @@ def hf():
 @pytest.fixture(scope="module")
 def model(hf):
     return ours_from_hf(hf)
+
+
+@pytest.fixture(scope="module")
+def model400():
+    """A model whose vocabulary fits the LLaMA-style SentencePiece fixture (400 pieces)."""
+    return ours_from_hf(tiny_hf_model(3, vocab_size=400))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +168,8 @@ def test_stop_strings_cut_every_row(model, sp_tokenizer):
     prompts = ["the quick brown fox", "why", "please explain how", "sorry", "answer the question"]
     kw = dict(max_new_tokens=24, eos_id=-1)
     free_ids = dj.generate(model, [sp_tokenizer.encode(p) for p in prompts], **kw)
-    free = [sp_tokenizer.decode(t) for t in free_ids]
+    free = [continuation_text(sp_tokenizer, sp_tokenizer.encode(p), t)
+            for p, t in zip(prompts, free_ids)]
     stops = []
     for toks in free_ids[:3]:
         s = _split_stop(sp_tokenizer, toks)
@@ -176,11 +184,11 @@ def test_stop_strings_cut_every_row(model, sp_tokenizer):
 def test_stopped_rows_end_the_loop_early(model):
     spec, knobs = sampling_settings(model, max_new_tokens=64, eos_id=-1)
     out = run_batches(model, PROMPTS, spec=spec, knobs=knobs, row_ids=np.arange(4, dtype=np.uint32),
-                      is_stopped=lambda toks: True, stop_check_every=2)
+                      is_stopped=lambda i, toks: True, stop_check_every=2)
     assert [len(o) for o in out] == [3] * 4  # 1 prefill step + one chunk of 2, then all done
 
 
-def test_shared_prefix_equals_full_prompts(model, sp_tokenizer):
+def test_shared_prefix_equals_full_prompts(model, sp_tokenizer, model400, llama_sp_tokenizer):
     prefix = [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 50, 51, 52, 53, 54, 55, 56, 57]
     suffixes = [p[1:] for p in PROMPTS] + [[]]
     kw = dict(max_new_tokens=10, eos_id=-1)
@@ -192,12 +200,55 @@ def test_shared_prefix_equals_full_prompts(model, sp_tokenizer):
                        temperature=1.0, **kw) == sampled_full
     assert (cache.misses, cache.hits) == (1, 1)  # prefilled once, reused by the second call
 
-    # generate_text: prefix with BOS + each prompt without BOS == the same concatenated ids
-    text_prefix, prompts = "### User: hi\n", ["why", "sorry the fox", ""]
-    rows = [sp_tokenizer.encode(text_prefix) + sp_tokenizer.encode(p, bos=False) for p in prompts]
-    want = [sp_tokenizer.decode(t) for t in dj.generate(model, rows, max_new_tokens=8, eos_id=2)]
-    got = dj.generate_text(model, sp_tokenizer, prompts, max_new_tokens=8, shared_prefix=text_prefix)
-    assert got == want
+    # generate_text: the model reads encode(prefix + prompt) for every row, whatever the seam
+    # (a prompt starting with a space gives no lone "▁" token; "why" right after "\n" merges)
+    for m, tok in ((model, sp_tokenizer), (model400, llama_sp_tokenizer)):
+        text_prefix, prompts = "### User: hi\n\nUser:", [" why", " sorry the fox", "", "why"]
+        rows = [tok.encode(text_prefix + p) for p in prompts]
+        want = [continuation_text(tok, r, t)
+                for r, t in zip(rows, dj.generate(m, rows, max_new_tokens=8, eos_id=2))]
+        got = dj.generate_text(m, tok, prompts, max_new_tokens=8, shared_prefix=text_prefix)
+        assert got == want
+    # the LLaMA-style tokenizer puts a lone "▁" before " why" encoded on its own
+    assert rows[0] != tok.encode(text_prefix) + tok.encode(" why", bos=False)
+
+
+def test_stop_string_with_a_leading_space_at_the_first_generated_token(model400,
+                                                                       llama_sp_tokenizer):
+    """The first generated token's text is read as it continues the prompt: " word" (with its
+    space), so a stop string " word" is found at once; decoding the lone token drops the space."""
+    tok = llama_sp_tokenizer
+    word_ids = [i for i in range(tok.vocab_size)
+                if tok.id_to_piece(i).startswith("\u2581") and tok.id_to_piece(i)[1:].isalpha()]
+    prompt = "the quick brown fox"
+    ids = tok.encode(prompt)
+    bias = {word_ids[0]: 100.0}  # the first generated token is "▁<word>"
+    first = dj.generate(model400, [ids], max_new_tokens=1, eos_id=-1, logit_bias=bias)[0]
+    assert first == [word_ids[0]]
+    stop = " " + tok.id_to_piece(word_ids[0])[1:]
+    assert not tok.decode(first).startswith(" ")  # what the old check saw
+    assert continuation_text(tok, ids, first) == stop
+    got = dj.generate_text(model400, tok, [prompt], max_new_tokens=12, eos_id=-1, stop=[stop],
+                           stop_check_every=1, logit_bias=bias)
+    assert got == [""]
+
+
+def test_generated_text_keeps_its_leading_space(model400, llama_sp_tokenizer):
+    tok = llama_sp_tokenizer
+    prompt = "the quick brown fox"
+    new = dj.generate(model400, [tok.encode(prompt)], max_new_tokens=6, eos_id=-1)[0]
+    got = dj.generate_text(model400, tok, [prompt], max_new_tokens=6, eos_id=-1)[0]
+    assert prompt + got == tok.decode(tok.encode(prompt) + new)
+
+
+def test_encode_prompts_equals_the_joined_text(sp_tokenizer, llama_sp_tokenizer):
+    for tok in (sp_tokenizer, llama_sp_tokenizer):
+        prefix = "Principles ...\n\nUser:"
+        questions = [" What is 2+2?", " Why?", "x", ""]
+        pre, rows = encode_prompts(tok, questions, prefix)
+        for q, r in zip(questions, rows):
+            assert pre + r == tok.encode(prefix + q)
+        assert pre == tok.encode(prefix)[:len(pre)] and len(pre) >= len(tok.encode(prefix)) - 1
 
 
 def test_prefix_cache_tracks_weights(hf):

@@ -39,6 +39,7 @@ from dromedary_jax.sampling.prefix_cache import (
     prefix_token_ids,
 )
 from dromedary_jax.sampling.stop_strings import find_stop, normalize_stop, truncate_at_stop
+from dromedary_jax.sampling.text import continuation_text, encode_prompts
 from dromedary_jax.tokenizer import Tokenizer
 
 
@@ -360,7 +361,7 @@ def _progress_bar(show, total, batches):
 
 def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                 row_ids: np.ndarray, prefix: PrefixState | None = None, batch_size: int = 32,
-                is_stopped: Callable[[list[int]], bool] | None = None,
+                is_stopped: Callable[[int, list[int]], bool] | None = None,
                 stop_check_every: int = 16, progress: bool | None = None,
                 compile_only: bool = False) -> list[list[int]]:
     """The batching loop behind ``generate``: new tokens per prompt (EOS excluded). Its
@@ -414,7 +415,8 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                 done = local_rows(state["done"]).copy()
                 hit = False
                 for i in range(len(rows)):
-                    if not done[i] and nv[i] != last_nv[i] and is_stopped(toks[i, :nv[i]].tolist()):
+                    if (not done[i] and nv[i] != last_nv[i]
+                            and is_stopped(idx[i], toks[i, :nv[i]].tolist())):
                         done[i] = hit = True
                 last_nv = nv
                 if hit:
@@ -509,14 +511,15 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, temperature
     """Sample text continuations; returns the text before the first stop string, per prompt.
 
     ``tokenizer``: from ``dj.load_tokenizer`` (its vocabulary may be smaller than the model's,
-    not larger). ``prompts``: a list of strings, each encoded with BOS. With ``shared_prefix``
-    (a string common to every prompt, e.g. the principle prompt), the prefix is encoded with
-    BOS, each prompt WITHOUT BOS, and the row is ``encode(prefix) + encode(prompt)``. Caveat:
-    that can differ from ``encode(prefix + prompt)`` at the seam (SentencePiece merges across
-    it and adds a leading space to each encoded piece), so end the prefix at a natural boundary
-    such as a newline.
+    not larger). ``prompts``: a list of strings, each encoded with BOS when the tokenizer's own
+    rule adds one (``tokenizer.add_bos``). With ``shared_prefix`` (a string common to every
+    prompt, e.g. the principle prompt), each row is ``encode(shared_prefix + prompt)``, and the
+    ids every row shares are prefilled once (see :func:`dromedary_jax.sampling.text.encode_prompts`:
+    the model reads the same tokens as for the joined text, whatever the seam).
     eos_id defaults to ``tokenizer.eos_id``. ``stop``: a string or strings, checked for every
-    row every ``stop_check_every`` (>= 1) steps (a stop string split across tokens is found too).
+    row every ``stop_check_every`` (>= 1) steps (a stop string split across tokens is found too)
+    on the generated text read as the continuation of its prompt (a leading space is kept: see
+    :func:`dromedary_jax.sampling.text.continuation_text`); the returned texts are read the same way.
     Other arguments as in :func:`generate`.
     """
     _check_model(model)
@@ -535,17 +538,27 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, temperature
                                     seed=seed, logit_bias=logit_bias,
                                     ngram_penalties=ngram_penalties)
     if isinstance(shared_prefix, str):
-        shared_prefix = tokenizer.encode(shared_prefix, bos=True)
-    rows = [tokenizer.encode(p, bos=shared_prefix is None) for p in prompts]
+        shared_prefix, rows = encode_prompts(tokenizer, prompts, shared_prefix)
+        if not shared_prefix:  # nothing every row starts with (an empty prefix string)
+            shared_prefix = None
+    elif shared_prefix is not None:  # a PrefixState: the prompts continue its ids, no BOS
+        rows = [tokenizer.encode(p, bos=False) for p in prompts]
+    else:
+        rows = encode_prompts(tokenizer, prompts)[1]
     rows = _check_prompts(rows, c.vocab_size, allow_empty=shared_prefix is not None)
     row_ids = example_ids(ids, len(rows))
     _check_length(c, _prompt_len(rows, shared_prefix), int(knobs["max_new"]))
     prefix = _resolve_prefix(model, shared_prefix, prefix_cache)
+    prefix_ids = list(prefix.ids) if prefix is not None else []
+
+    def text_of(i: int, toks) -> str:  # row i's generated text, as it continues its prompt
+        return continuation_text(tokenizer, prefix_ids + list(rows[i]), toks)
+
     is_stopped = None
     if stops:
-        def is_stopped(toks):
-            return find_stop(tokenizer.decode(toks), stops) >= 0
+        def is_stopped(i, toks):
+            return find_stop(text_of(i, toks), stops) >= 0
     out = run_batches(model, rows, spec=spec, knobs=knobs, row_ids=row_ids,
                       prefix=prefix, batch_size=batch_size, is_stopped=is_stopped,
                       stop_check_every=stop_check_every, progress=progress)
-    return [truncate_at_stop(tokenizer.decode(toks), stops) for toks in out]
+    return [truncate_at_stop(text_of(i, toks), stops) for i, toks in enumerate(out)]
