@@ -104,21 +104,34 @@ def attend_cached(q, k, v, mask, pk=None, pv=None, pmask=None, *, kv_major: bool
 
     q [B,T,H,hd]; the rows' k/v [B,S,KV,hd] (``kv_major``: [B,KV,S,hd], the CPU decode path's
     cache layout) with mask [B,T,S]; the prefix pk/pv [P,KV,hd] (``kv_major``: [KV,P,hd]) with
-    pmask [B,T,P]. Returns [B,T,H,hd] in v's dtype."""
+    pmask [B,T,P]. Returns [B,T,H,hd] in v's dtype.
+
+    Every dot is a plain batched matmul (batch dims, ONE free dim per side, one contracting
+    dim), as in :func:`attend`: the G query heads of a key/value head are stacked along the
+    rows (``[B, KV, G*T, hd]``; for the prefix, which has no batch axis, ``[KV, B*G*T, hd]``).
+    XLA:CPU has no bf16 x bf16 -> f32 kernel for dots with two free dims on one side, which is
+    what grouped-query attention at batch >= 2 gave in the ``btkgd`` form."""
     B, T, H, hd = q.shape
     KV = k.shape[1] if kv_major else k.shape[2]
-    rows, pre = ("bksd", "kpd") if kv_major else ("bskd", "pkd")
-    qg = q.reshape(B, T, KV, H // KV, hd) * jnp.asarray(1.0 / np.sqrt(hd), q.dtype)
-    s = jnp.einsum(f"btkgd,{rows}->bkgts", qg, k, preferred_element_type=F32)
-    s = jnp.where(mask[:, None, None], s, NEG_INF)
+    G = H // KV
+    rows = "bksd" if kv_major else "bskd"
+    q = q * jnp.asarray(1.0 / np.sqrt(hd), q.dtype)
+    qh = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+    s = jnp.einsum(f"bkqd,{rows}->bkqs", qh, k, preferred_element_type=F32)
+    s = jnp.where(mask[:, None, None], s.reshape(B, KV, G, T, -1), NEG_INF)
     P = 0
     if pk is not None:
-        s_pre = jnp.einsum(f"btkgd,{pre}->bkgtp", qg, pk, preferred_element_type=F32)
-        s = jnp.concatenate([jnp.where(pmask[:, None, None], s_pre, NEG_INF), s], axis=-1)
+        pre = "kpd" if kv_major else "pkd"
+        qp = qh.transpose(1, 0, 2, 3).reshape(KV, B * G * T, hd)
+        s_pre = jnp.einsum(f"kqd,{pre}->kqp", qp, pk, preferred_element_type=F32)
         P = s_pre.shape[-1]
-    probs = softmax_rows(s).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{rows}->btkgd", probs[..., P:], v, preferred_element_type=F32)
+        s_pre = s_pre.reshape(KV, B, G, T, P).transpose(1, 0, 2, 3, 4)
+        s = jnp.concatenate([jnp.where(pmask[:, None, None], s_pre, NEG_INF), s], axis=-1)
+    probs = softmax_rows(s).astype(v.dtype).reshape(B, KV, G * T, -1)
+    out = jnp.einsum(f"bkqs,{rows}->bkqd", probs[..., P:], v, preferred_element_type=F32)
     if pk is not None:
-        out = out + jnp.einsum(f"bkgtp,{pre}->btkgd", probs[..., :P], pv,
-                               preferred_element_type=F32)
-    return out.astype(v.dtype).reshape(B, T, H, hd)
+        pp = probs[..., :P].transpose(1, 0, 2, 3).reshape(KV, B * G * T, P)
+        out_pre = jnp.einsum(f"kqp,{pre}->kqd", pp, pv, preferred_element_type=F32)
+        out = out + out_pre.reshape(KV, B, G * T, hd).transpose(1, 0, 2, 3)
+    out = out.astype(v.dtype).reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4)
+    return out.reshape(B, T, H, hd)
