@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2,<0.3",
     "tokenizers>=0.22,<0.24",
     "safetensors>=0.6,<0.9",
+    "gguf>=0.19,<0.20",  # llama.cpp .gguf models and vocabularies
     "ml-collections>=1.1,<2",
     "tensorflow-datasets>=4.9.10,<5",
     "array_record>=0.8,<0.9",
@@ -30,6 +31,7 @@ EXTRAS = {
         "pytest>=8",
         "torch==2.13.0",
         "transformers>=5.0,<6",
+        "accelerate>=1.15,<2",  # transformers needs it to load a .gguf (tests/test_gguf.py)
         "rouge_score==0.1.2",
         "nbformat>=5.10",
         "nbclient>=0.10",

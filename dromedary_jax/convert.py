@@ -1,8 +1,10 @@
 """Convert a model folder: ``python -m dromedary_jax.convert --src DIR --dst DIR [--to hf|orbax]``.
 
-``--src`` is a Hugging Face folder, a Meta folder or a dromedary_jax checkpoint (see
-``load_model``). ``--to hf`` (default) writes a Hugging Face folder in ``--dtype``
-(float32/bfloat16/float16); ``--to orbax`` writes this project's checkpoint with parameters in
+``--src`` is a Hugging Face folder, a Meta folder, a dromedary_jax checkpoint or a LLaMA
+``.gguf`` file (see ``load_model``; GGUF weights are dequantized). ``--to hf`` (default) writes a
+Hugging Face folder in ``--dtype`` (float32/bfloat16/float16), plus the GGUF's tokenizer
+(``tokenizer.json``, ``tokenizer_config.json`` with its BOS rule and chat template) when the
+source is a GGUF file; ``--to orbax`` writes this project's checkpoint with parameters in
 ``--dtype`` (float32/bfloat16). ``--mesh`` (e.g. ``fsdp=-1`` or ``1,-1,2``) shards the model over
 the local devices while converting. ``--dst`` must be a new or empty folder unless
 ``--overwrite`` (both formats). Bad input prints one ``error:`` line and exits with 2.
@@ -62,7 +64,8 @@ def same_folder(a: str, b: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dromedary_jax.convert",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", required=True, help="HF, Meta or dromedary_jax checkpoint folder")
+    p.add_argument("--src", required=True,
+                   help="HF, Meta or dromedary_jax checkpoint folder, or a .gguf file")
     p.add_argument("--dst", required=True, help="output folder")
     p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -104,16 +107,30 @@ def main(argv=None) -> int:
 
 
 def _convert(args, mesh, max_shard) -> int:
-    from dromedary_jax.checkpoint import load_model, save_checkpoint, save_hf
+    from dromedary_jax.checkpoint import detect_format, load_model, save_checkpoint, save_hf
 
     # bfloat16 output: hold bfloat16 params (half the memory; the same single rounding).
     param_dtype = "bfloat16" if args.dtype == "bfloat16" else "float32"
+    tokenizer = None
+    if args.to == "hf" and detect_format(args.src) == "gguf":
+        from dromedary_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.src)  # before the slow part: a bad vocabulary fails early
     model = load_model(args.src, mesh=mesh, param_dtype=param_dtype, vocab_size=args.vocab_size)
     if args.to == "hf":
         files = save_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=max_shard,
                         overwrite=True)  # main() refused a non-empty --dst without --overwrite
+        extra = ""
+        if tokenizer is not None:
+            import jax
+
+            from dromedary_jax.tokenizer import save_tokenizer
+
+            if jax.process_index() == 0:  # the process that wrote the weights
+                save_tokenizer(tokenizer, args.dst)
+            extra = " and the GGUF's tokenizer"
         print(f"wrote Hugging Face folder {args.dst} ({len(files)} safetensors file(s), "
-              f"{args.dtype})")
+              f"{args.dtype}){extra}")
     else:
         save_checkpoint(model, args.dst, overwrite=args.overwrite)
         print(f"wrote dromedary_jax checkpoint {args.dst} ({args.dtype} params)")

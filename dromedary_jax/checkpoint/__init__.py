@@ -1,12 +1,13 @@
 """Checkpoints in and out.
 
-    model = load_model(path, dtype="float32", mesh=None)   # HF, Meta or our own folder
+    model = load_model(path, dtype="float32", mesh=None)   # HF, Meta, our folder or a .gguf
     save_hf(model, out_dir)                                 # Hugging Face folder
     save_checkpoint(model, out_dir)                         # our Orbax checkpoint
 
 ``load_model`` picks the format from the folder's contents: ``dromedary_checkpoint.json`` ->
 this project's Orbax checkpoint (``orbax_io``), ``config.json`` -> Hugging Face safetensors
-(``hf``), ``params.json`` -> Meta ``consolidated.NN.pth`` (``meta``).
+(``hf``), ``params.json`` -> Meta ``consolidated.NN.pth`` (``meta``); a FILE ``*.gguf`` (or one
+starting with the GGUF magic) -> a llama.cpp LLaMA GGUF, dequantized (``gguf``).
 """
 from __future__ import annotations
 
@@ -36,12 +37,17 @@ def resolve_mesh(mesh: MeshLike) -> Mesh | None:
 
 
 def detect_format(path: str) -> str:
-    """'orbax', 'hf' or 'meta' from the folder's contents; UserError otherwise."""
+    """'orbax', 'hf' or 'meta' from the folder's contents, 'gguf' for a GGUF file; UserError
+    otherwise."""
+    from dromedary_jax.checkpoint.gguf import is_gguf_file
+
+    if is_gguf_file(path):
+        return "gguf"
     if not os.path.isdir(path):
         what = "does not exist" if not os.path.exists(path) else "is not a folder"
         raise UserError(f"{path} {what}; expected a model folder (Hugging Face config.json + "
                         f"*.safetensors, Meta params.json + consolidated.NN.pth, or a "
-                        f"dromedary_jax checkpoint with {MARKER})")
+                        f"dromedary_jax checkpoint with {MARKER}) or a .gguf file")
     if os.path.isfile(os.path.join(path, MARKER)):
         return "orbax"
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -54,13 +60,18 @@ def detect_format(path: str) -> str:
     if glob.glob(os.path.join(path, "consolidated.*.pth")):
         raise UserError(f"{path}: has consolidated.*.pth but no params.json (a Meta folder needs "
                         "its params.json)")
+    ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if ggufs:
+        raise UserError(f"{path}: a folder of .gguf files; pass the file itself, e.g. "
+                        f"{ggufs[0]}")
     raise UserError(f"{path}: no config.json (Hugging Face), params.json (Meta) or {MARKER} "
                     "(dromedary_jax checkpoint) found; expected one of those model folders")
 
 
 def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
                param_dtype: str = "float32", vocab_size: int | None = None):
-    """Load a Hugging Face, Meta or dromedary_jax checkpoint folder as a :class:`Llama`.
+    """Load a Hugging Face, Meta or dromedary_jax checkpoint folder, or a LLaMA ``.gguf`` file
+    (dequantized to ``param_dtype``), as a :class:`Llama`.
 
     ``dtype``: compute dtype (``ModelConfig.dtype``); parameters are kept in ``param_dtype``
     (float32 master weights by default). ``mesh``: None (single default device), a
@@ -72,8 +83,8 @@ def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
     from dromedary_jax.model.llama import Llama
 
     if not isinstance(path, (str, os.PathLike)):
-        raise UserError(f"load_model path={path!r}: expected a model folder path (str or "
-                        "os.PathLike)")
+        raise UserError(f"load_model path={path!r}: expected a model folder path or a .gguf "
+                        "file path (str or os.PathLike)")
     path = os.fspath(path)
     kind = detect_format(path)
     mesh = resolve_mesh(mesh)
@@ -89,6 +100,10 @@ def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
         config = orbax_io.read_config(path, **overrides)
         check_mesh(config)
         params = orbax_io.load_params(path, config, mesh)
+    elif kind == "gguf":
+        from dromedary_jax.checkpoint import gguf
+
+        config, params = gguf.load_gguf(path, mesh, check_mesh=check_mesh, **overrides)
     elif kind == "hf":
         from dromedary_jax.checkpoint import hf
 

@@ -336,8 +336,8 @@ def save_hf(model, out_dir: str, dtype: str = "float32", *,
     if not write:
         return names
     if len(names) > 1:
-        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        _write_json(os.path.join(out_dir, INDEX_FILE),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
     cfg = c.to_hf_config()
     cfg["torch_dtype"] = dtype
     cfg["dtype"] = dtype
@@ -349,9 +349,9 @@ def save_hf(model, out_dir: str, dtype: str = "float32", *,
 
 
 def _write_json(path: str, obj: Mapping) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    from dromedary_jax.jsonl import write_json_atomic
+
+    write_json_atomic(path, dict(obj))
 
 
 __all__ = ["TensorSource", "SafetensorsSource", "build_params", "read_block", "hf_shape",

@@ -11,13 +11,12 @@ shardings, so a checkpoint saved on one mesh restores onto any other mesh (or on
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.jsonl import read_json
+from dromedary_jax.jsonl import read_json, write_json_atomic
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.llama import param_shapes, param_shardings
 
@@ -63,11 +62,9 @@ def save_checkpoint(model, out_dir: str, *, overwrite: bool = False) -> str:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, dict(model.params), force=overwrite)
         ckptr.wait_until_finished()
-    if jax.process_index() == 0:  # written last: its presence means the save completed
-        with open(marker, "w") as f:
-            json.dump({"format": "dromedary_jax", "version": FORMAT_VERSION,
-                       "config": config_to_json(model.config)}, f, indent=2)
-            f.write("\n")
+    if jax.process_index() == 0:  # written last, atomically: its presence means the save completed
+        write_json_atomic(marker, {"format": "dromedary_jax", "version": FORMAT_VERSION,
+                                   "config": config_to_json(model.config)})
     return out
 
 
