@@ -25,7 +25,7 @@ import shutil
 from typing import Sequence
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.jsonl import read_json
+from dromedary_jax.jsonl import read_json, write_json_atomic
 
 
 class Tokenizer:
@@ -498,7 +498,10 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str, *, chat_template: str | No
         if not (os.path.exists(dst) and os.path.samefile(t.path, dst)):
             shutil.copyfile(t.path, dst)
         stale, cls = "tokenizer.json", "LlamaTokenizer"
-        extra = {"legacy": False}
+        # legacy=True: transformers then puts SentencePiece's "▁" prefix on text after a special
+        # token too (prepend_scheme "always"), as SentencePiece does after the BOS id: a chat
+        # template that writes bos_token gives the ids the model was trained on.
+        extra = {"legacy": True}
     else:
         from tokenizers import Tokenizer as _Tok
 
@@ -521,9 +524,7 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str, *, chat_template: str | No
     for name, obj in (("tokenizer_config.json", config),
                       ("special_tokens_map.json", {k: v for k, v in names.items() if v})):
         p = os.path.join(folder, name)
-        with open(p, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        write_json_atomic(p, obj)
         written.append(p)
     return written
 

@@ -3,6 +3,7 @@ split off a held-out set, fine-tune with ``training.run_sft`` (which resumes fro
 checkpoints after a kill) and save the resulting model once."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping, Sequence
 
@@ -26,6 +27,44 @@ def meta_template(path: str, key: str, assistant: D.Assistant) -> str:
     if "{prompt}" not in text:
         raise UserError(f"config.{key}: {path} has no {{prompt}} placeholder")
     return text
+
+
+def chat_template(meta_prompt: str, add_bos: bool) -> str:
+    """A Jinja ``chat_template`` (transformers' ``apply_chat_template``) that renders a
+    conversation in the format a stage fine-tuned on: the first user turn inside
+    ``meta_prompt`` (its ``{prompt}``), each assistant turn as ``" " + content`` (the SFT
+    responses start with a space), later user turns as ``"\n\n" + <user prefix> + content +
+    <assistant header>`` where the user prefix is the meta-prompt's text after its last blank
+    line before ``{prompt}`` (e.g. ``"User: "``) and the assistant header what follows
+    ``{prompt}`` (e.g. ``"\n\nDromedary:"``). With ``add_bos`` the BOS token comes first, as in
+    training (``apply_chat_template`` adds no special tokens itself). Single-turn prompts render
+    exactly ``meta_prompt.replace("{prompt}", question)``, the model's training prompt."""
+    before, after = meta_prompt.split("{prompt}", 1)
+    user_prefix = before.rsplit("\n\n", 1)[-1]
+
+    def lit(text: str) -> str:  # a Jinja string literal (JSON's escapes are Jinja's)
+        return json.dumps(text)
+
+    return ("{%- if messages|length == 0 -%}{{ raise_exception('no messages') }}{%- endif -%}"
+            + ("{{- bos_token -}}" if add_bos else "")
+            + "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            f"{{%- if loop.first -%}}{{{{- {lit(before)} -}}}}"
+            f"{{%- else -%}}{{{{- {lit(chr(10) * 2 + user_prefix)} -}}}}{{%- endif -%}}"
+            f"{{{{- message['content'] -}}}}{{{{- {lit(after)} -}}}}"
+            "{%- elif message['role'] == 'assistant' -%}{{- ' ' + message['content'] -}}"
+            "{%- else -%}{{ raise_exception('only user and assistant turns') }}"
+            "{%- endif -%}{%- endfor -%}")
+
+
+def save_model_tokenizer(tokenizer, folder: str, meta_prompt: str) -> None:
+    """The tokenizer a model folder was trained with, and its chat template (see
+    :func:`chat_template`), so that transformers' ``AutoTokenizer`` and the eval CLI open the
+    folder without ``--tokenizer``."""
+    from dromedary_jax.tokenizer import save_tokenizer
+
+    save_tokenizer(tokenizer, folder,
+                   chat_template=chat_template(meta_prompt, bool(getattr(tokenizer, "add_bos", True))))
 
 
 def split_heldout(rows: Sequence[Mapping], fraction: float, seed: int):
@@ -76,5 +115,8 @@ def finetune_and_save(stage: StageDir, train_cfg, model, tokenizer, files: Mappi
                               eval_files=files["heldout"] if n_heldout else None)
     if not os.path.exists(os.path.join(model_dir, MODEL_MARKER)):
         dj.save_checkpoint(result.model, model_dir, overwrite=True)
+    if stage.hosts.is_main:
+        save_model_tokenizer(tokenizer, model_dir, train_cfg.data.template)
+    stage.hosts.barrier(f"{stage.stage}-tokenizer")
     return {"train_steps": result.step, "final_train_loss": result.final_loss,
             "heldout_loss": result.eval_loss, "metrics": result.metrics_path, "model": model_dir}

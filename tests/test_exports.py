@@ -1,0 +1,43 @@
+"""Every model folder the pipeline writes carries its tokenizer and a chat template that renders
+the meta-prompt the model was fine-tuned on (issue: exported HF folders had no tokenizer)."""
+import os
+
+import pytest
+
+from dromedary_jax.pipeline.finetune import chat_template, save_model_tokenizer
+from dromedary_jax.tokenizer import load_tokenizer
+
+META = ("Dromedary is an AI assistant.\n\nUser: {prompt}\n\nDromedary:")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "llama_sentencepiece"])
+def test_chat_template_renders_the_training_prompt(kind, sp_tokenizer, llama_sp_tokenizer,
+                                                   tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = sp_tokenizer if kind == "sentencepiece" else llama_sp_tokenizer
+    folder = str(tmp_path / kind)
+    save_model_tokenizer(tok, folder, META)
+    hf = AutoTokenizer.from_pretrained(folder)
+    q = 'Why is the sky "blue"?\nExplain.'
+    want = META.replace("{prompt}", q)
+    got = hf.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                 add_generation_prompt=True)
+    assert got == hf.bos_token + want  # LLaMA-style SentencePiece: BOS first, as in training
+    ids = hf.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                 add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    if kind == "llama_sentencepiece":  # (transformers drops the toy model's NFKC normaliser)
+        assert list(ids) == tok.encode(want)  # the ids the model was trained on
+    two = hf.apply_chat_template([{"role": "user", "content": "a"},
+                                  {"role": "assistant", "content": "b"},
+                                  {"role": "user", "content": "c"}], tokenize=False)
+    assert two == hf.bos_token + META.replace("{prompt}", "a") + " b\n\nUser: c\n\nDromedary:"
+    # and our own loader reads the folder back with the same rule
+    again = load_tokenizer(folder)
+    assert again.add_bos == tok.add_bos and again.encode(want) == tok.encode(want)
+
+
+def test_chat_template_without_bos():
+    t = chat_template(META, add_bos=False)
+    assert "bos_token" not in t and "User: " in t
