@@ -46,7 +46,16 @@ setup(
     version="0.1.0",
     description="SELF-ALIGN (Dromedary) principle-driven self-alignment in JAX/Flax",
     packages=find_packages(include=["dromedary_jax", "dromedary_jax.*"]),
-    python_requires=">=3.10",
+    # The floor the pins set: jax/jaxlib 0.10, and the lowest flax (0.12.8), orbax-checkpoint
+    # (0.12.8) and grain (0.2.18) allowed above, declare Requires-Python >= 3.11. Tested on 3.11.
+    python_requires=">=3.11",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )
