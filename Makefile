@@ -4,7 +4,7 @@
 #   make demo-toy   the same pipeline on a tiny random model (seconds; no download)
 #   make test       the test-suite (installs the test extra: transformers + torch as the
 #                   reference peer the tests compare against, pytest, notebook tools)
-PYTHON ?= python3
+PYTHON ?= $(shell command -v python3.11 || command -v python3)  # jax 0.10 needs Python >= 3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
