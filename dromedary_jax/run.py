@@ -7,6 +7,14 @@ A finished stage is skipped, an interrupted one resumes; at the end ``<workdir>/
 summarises the run. ``--dry_run`` prints the resolved config, the mesh, parameter and
 per-device memory estimates and the stage plan, and runs nothing.
 
+Before any stage runs (and before ``--dry_run`` prints its plan): every config value is checked
+(``pipeline.defaults.validate``), every input file of the selected stages is read and checked
+(:func:`check_inputs`), the model checkpoint / tokenizer must exist, and the workdir is locked
+(``workdir_lock``: a second run on it refuses at once; a killed run leaves no stale lock). So bad
+input costs one ``error:`` line (exit 2) and writes nothing a fixed rerun trips over. Ctrl-C /
+SIGTERM print one ``interrupted`` line (exit 130 / 143); the same command resumes.
+``main(argv)`` can be called in-process (``main(["run", "--config", ...])``).
+
 Stages come from the ``STAGES`` registry (name -> "module:function"), run in registry order; a
 stage whose manifest says it is done under the same config is skipped. Every stage has the
 signature ``run(config, workdir, resources=None)``; one ``Resources`` (lazily built model /
@@ -16,18 +24,23 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
-from dromedary_jax.errors import UserError, check_workdir, cli_main, parse_flags
+from dromedary_jax.errors import UserError, absl_cli_flags, check_workdir, cli_main
 
 STAGES: dict[str, str] = {
     "self_instruct": "dromedary_jax.pipeline.self_instruct:run",
     "self_align": "dromedary_jax.pipeline.self_align:run",
     "engrave": "dromedary_jax.pipeline.engrave:run",
     "verbose_clone": "dromedary_jax.pipeline.verbose_clone:run",
+    "evaluate": "dromedary_jax.pipeline.evaluate:run",
 }
 # stage -> the stage whose output it reads
-REQUIRES = {"self_align": "self_instruct", "engrave": "self_align", "verbose_clone": "engrave"}
+REQUIRES = {"self_align": "self_instruct", "engrave": "self_align", "verbose_clone": "engrave",
+            "evaluate": "verbose_clone"}
+# stages a run includes by default only when the config asks for them
+OPT_IN = {"evaluate": lambda config: bool(config.evaluate.truthfulqa or config.evaluate.hhh)}
 
 log = logging.getLogger("dromedary_jax.run")
 
@@ -37,9 +50,12 @@ def stage_fn(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def select_stages(names) -> list[str]:
+def select_stages(names, config=None) -> list[str]:
+    """The stages to run, in registry order: ``names`` (checked), else every stage (an
+    :data:`OPT_IN` stage only when ``config``, a completed config, asks for it)."""
     if not names:
-        return list(STAGES)
+        return [n for n in STAGES
+                if n not in OPT_IN or (config is not None and OPT_IN[n](config))]
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in STAGES]
     if unknown:
@@ -50,8 +66,6 @@ def select_stages(names) -> list[str]:
 def stage_status(config, workdir: str, name: str) -> str:
     """"done" (finished under this config: skipped), "changed" (finished under another config:
     refused unless config.overwrite/force), "resume" (started), or "run". ``config``: completed."""
-    import os
-
     from dromedary_jax.pipeline.records import stage_done
 
     if not workdir or not os.path.isdir(os.path.join(workdir, name)):
@@ -80,17 +94,132 @@ def check_order(config, workdir: str, selected: list[str]) -> None:
                             + (" or set config.self_align.questions_file" if name == "self_align" else ""))
 
 
+def check_inputs(config, workdir: str, selected: list[str], report: bool = True) -> None:
+    """Read and check every input file the selected stages (and the report) will read, and the
+    model, before any stage runs or anything is written: a bad file fails the run at once
+    instead of after hours of generation. ``config``: completed."""
+    from dromedary_jax.pipeline import data as D
+    from dromedary_jax.pipeline.records import stage_done
+
+    si, sa = config.self_instruct, config.self_align
+    if "self_instruct" in selected:
+        D.load_red_team_seeds(si.red_team_seeds)
+        D.Template.load(si.topic_template, "self_instruct.topic_template",
+                        ("question_type", "num_topics"))
+        D.Template.load(si.question_template, "self_instruct.question_template",
+                        ("hints", "examples", "num"))
+        D.Template.load(si.vanilla_template, "self_instruct.vanilla_template", ("num_tasks",))
+        tasks = D.load_seed_tasks(si.seed_tasks)
+        if si.vanilla.enabled and si.vanilla.prompt_seed_tasks > len(tasks):
+            raise UserError(f"config.self_instruct.vanilla.prompt_seed_tasks="
+                            f"{si.vanilla.prompt_seed_tasks} but {si.seed_tasks} has only "
+                            f"{len(tasks)} tasks")
+    if "self_align" in selected:
+        from dromedary_jax.pipeline.self_align import render_prompt
+
+        render_prompt(config)  # assistant, principles, exemplars, frame template / prompt file
+        prompts = os.path.join(workdir or "", "self_instruct", "prompts.jsonl")
+        if sa.questions_file:
+            D.load_questions(sa.questions_file, "self_align.questions_file")
+        elif workdir and stage_done(workdir, "self_instruct") and os.path.isfile(prompts):
+            D.load_questions(prompts, "self_align.questions_file")  # stage 1 kept none: refuse now
+    if "engrave" in selected:
+        from dromedary_jax.pipeline.engrave import template_of
+
+        template_of(config)
+    if "verbose_clone" in selected:
+        from dromedary_jax.pipeline.verbose_clone import meta_prompts
+
+        meta_prompts(config)
+    if report and int(config.report.num_samples) > 0 and "verbose_clone" in selected:
+        D.load_red_team_seeds(si.red_team_seeds)  # the report's before/after questions
+    if "evaluate" in selected:
+        from dromedary_jax.pipeline.evaluate import check_models, load_benchmarks, sample_prompts
+
+        check_models(config)
+        load_benchmarks(config)  # the benchmark files are there and well-formed
+        sample_prompts(config)
+    check_model(config, selected)
+
+
+def check_model(config, selected: list[str]) -> None:
+    """The model the selected stages load is there: the checkpoint folder (or .gguf file) and
+    the tokenizer path exist, or the preset is known (no weights are read)."""
+    from dromedary_jax.pipeline.resources import check_checkpoint, model_kind
+
+    m = config.model
+    kind = model_kind(m)
+    if kind == "scripted" and not {"engrave", "verbose_clone"} & set(selected):
+        return  # stages 1-2 with the scripted fake: no model
+    if kind == "scripted":
+        kind = "checkpoint" if m.checkpoint else "preset" if m.preset else kind
+        if kind == "scripted":
+            raise UserError("config.model: the training stages need a real model; set "
+                            "model.checkpoint or model.preset beside model.kind='scripted'")
+    if kind == "checkpoint":
+        check_checkpoint(m)
+    elif kind == "preset":
+        from dromedary_jax.model.config import preset
+
+        try:
+            preset(m.preset)
+        except UserError as e:
+            raise UserError(f"config.model.preset: {e}") from None
+        if not m.tokenizer:
+            raise UserError("config.model.tokenizer: a randomly initialised preset needs a "
+                            "tokenizer path (or 'builtin:demo' for a tiny tokenizer trained on "
+                            "data/)")
+    if m.tokenizer and m.tokenizer != "builtin:demo" and not os.path.exists(m.tokenizer):
+        raise UserError(f"config.model.tokenizer={m.tokenizer}: does not exist")
+    trained = [s for s in ("engrave", "verbose_clone") if s in selected]
+    if trained:
+        from dromedary_jax.pipeline.plan import model_config_of
+
+        mc, origin = model_config_of(m)  # the preset or the checkpoint's json: no weights
+        for s in trained if mc is not None and "not readable" not in origin else ():
+            max_len = int(config[s].train.data.max_len)
+            if max_len > mc.max_seq_len:
+                raise UserError(f"config.{s}.train.data.max_len={max_len} is over the model's "
+                                f"maximum sequence length {mc.max_seq_len}; lower it")
+
+
+def check_meshes(config, selected: list[str]) -> None:
+    """``model.mesh`` (and, without it, the fine-tune sections' ``mesh.shape``) fit the devices
+    of this run. Needs JAX (after ``distributed.maybe_initialize``)."""
+    import jax
+
+    from dromedary_jax.sharding import resolve_mesh_shape
+
+    keys = [("model.mesh", config.model.mesh)] if config.model.mesh else [
+        (f"{s}.train.mesh.shape", config[s].train.mesh.shape)
+        for s in ("engrave", "verbose_clone") if s in selected]
+    for key, shape in keys:
+        try:
+            resolve_mesh_shape(tuple(shape), jax.device_count())
+        except UserError as e:
+            raise UserError(f"config.{key}: {e}") from None
+
+
 def run_stages(config, workdir: str, stages=None, resources=None, report: bool = True) -> dict[str, dict]:
-    """Run the selected stages in registry order, then write the run report; returns
-    {stage: manifest counts}."""
+    """Check everything (config values, input files, the model, the workdir lock), then run the
+    selected stages in registry order and write the run report; returns {stage: manifest
+    counts}."""
     from dromedary_jax.pipeline.defaults import complete
     from dromedary_jax.pipeline.resources import Resources
+    from dromedary_jax.workdir_lock import workdir_lock
 
     check_workdir(workdir)
     config = complete(config)
-    selected = select_stages(stages or list(config.stages))
+    selected = select_stages(stages or list(config.stages), config)
     check_order(config, workdir, selected)
+    check_inputs(config, workdir, selected, report)
+    check_meshes(config, selected)
     resources = resources or Resources(config, workdir=workdir)
+    with workdir_lock(workdir, resources.hosts.index):
+        return _run_locked(config, workdir, selected, resources, report)
+
+
+def _run_locked(config, workdir: str, selected: list[str], resources, report: bool) -> dict:
     main_host = resources.hosts.is_main  # only process 0 prints and logs
     if config.notice and main_host:
         print(f"NOTE: {config.notice}", flush=True)
@@ -103,42 +232,94 @@ def run_stages(config, workdir: str, stages=None, resources=None, report: bool =
                        else "appending (force)" if config.force else "refused"))
             state = {"done": "already done, skipped", "changed": changed}.get(status, "running")
             print(f"== stage {name}: {state}", flush=True)
-        counts = stage_fn(name)(config, workdir, resources=resources)
+        counts = _measured(name, was_done, workdir, main_host,
+                           lambda: stage_fn(name)(config, workdir, resources=resources))
         log.info("stage %s: %s%s", name, "already done; " if was_done else "", counts)
         out[name] = counts
-    if report and resources.hosts.is_main:
+    if report and main_host:
         from dromedary_jax.pipeline.run_report import write_report
 
         print(f"report: {write_report(config, workdir, resources)}")
+        if "evaluate" in selected:
+            from dromedary_jax.pipeline.eval_report import table_lines
+            from dromedary_jax.pipeline.evaluate import read_results
+
+            print("\n".join(["", "base vs aligned:"] + table_lines(read_results(workdir))))
     return out
 
 
-def main(argv) -> None:
-    from absl import flags
+STATS_FILE = "run_stats.json"  # per stage: wall time and peak RSS of the run that did the work
 
-    del argv
+
+def _measured(name: str, was_done: bool, workdir: str, main_host: bool, run):
+    """``run()``, with its wall time and peak resident memory (the stage's own peak: the
+    high-water mark is reset first, see :mod:`dromedary_jax.memory`) written to
+    ``<workdir>/<stage>/run_stats.json`` when the stage did work."""
+    import gc
+    import time
+
+    from dromedary_jax.jsonl import write_json_atomic
+    from dromedary_jax.memory import peak_rss_bytes, reset_peak_rss
+
+    gc.collect()  # what earlier stages dropped does not count against this one
+    per_stage = reset_peak_rss()
+    t0 = time.perf_counter()
+    counts = run()
+    if not was_done and main_host and os.path.isdir(os.path.join(workdir, name)):
+        write_json_atomic(os.path.join(workdir, name, STATS_FILE),
+                          {"wall_s": round(time.perf_counter() - t0, 1),
+                           "peak_rss_bytes": peak_rss_bytes(), "peak_is_per_stage": per_stage})
+    return counts
+
+
+def dry_run(config, workdir: str | None, stages, devices: int = 0) -> None:
+    """``--dry_run``: the same checks as a run (config values, input files, the model), then the
+    plan. With ``--devices N`` (planning for another machine) a model that is not on THIS
+    machine is a printed note, not an error."""
+    from dromedary_jax.pipeline.defaults import complete
+    from dromedary_jax.pipeline.plan import print_dry_run
+
+    if workdir:
+        check_workdir(workdir)
+    full = complete(config)
+    selected = select_stages(stages or list(full.stages), full)
+    note = None
+    try:
+        check_inputs(full, workdir or "", selected)
+    except UserError as e:
+        if not devices or not str(e).startswith(("config.model.checkpoint",
+                                                  "config.model.tokenizer")):
+            raise
+        note = f"{e} (here; the machine that runs it needs it)"
+    print_dry_run(config, workdir, selected, devices)
+    if note:
+        print(f"== note: {note}")
+
+
+@cli_main
+def main(argv=None) -> None:
+    """Run the runner CLI with ``argv`` (program name first; default ``sys.argv``)."""
+    fv = absl_cli_flags(list(sys.argv if argv is None else argv), _define_flags)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / jax chatter; ours stays INFO
-    FLAGS = flags.FLAGS
-    config = FLAGS.config
+    config = fv.config
     if config is None:
         raise UserError("--config is required (an ml_collections config file, e.g. configs/demo.py)")
-    if FLAGS.dry_run:
-        from dromedary_jax.pipeline.plan import print_dry_run
-
-        from dromedary_jax.pipeline.defaults import complete
-
-        stages = select_stages(FLAGS.stages or list(complete(config).stages))
-        print_dry_run(config, FLAGS.workdir, stages, FLAGS.devices)
+    if fv.dry_run:
+        dry_run(config, fv.workdir, fv.stages, fv.devices)
         return
-    from dromedary_jax.distributed import maybe_initialize
     from dromedary_jax.pipeline.defaults import complete
 
-    maybe_initialize(complete(config).distributed.to_dict())
+    check_workdir(fv.workdir)
+    full = complete(config)  # every value checked before JAX (or the coordinator) starts
+    check_inputs(full, fv.workdir, select_stages(fv.stages or list(full.stages), full))
+    from dromedary_jax.distributed import maybe_initialize
+
+    maybe_initialize(full.distributed.to_dict())
     import jax
 
     if jax.process_index() != 0:  # logs and progress bars only on process 0
         logging.getLogger("dromedary_jax").setLevel(logging.WARNING)
-    results = run_stages(config, FLAGS.workdir, FLAGS.stages)
+    results = run_stages(config, fv.workdir, fv.stages)
     if jax.process_index() != 0:
         return
     for name, counts in results.items():
@@ -146,27 +327,30 @@ def main(argv) -> None:
         print(f"{name}: {short}")
 
 
-def _define_flags():
+def _define_flags(fv, argv) -> None:
     from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "experiment config file (path.py or path.py:arg)",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "output folder (one subfolder per stage)")
-    flags.DEFINE_list("stages", None, f"comma-separated stages to run (default: all of {list(STAGES)})")
+                                    lock_config=True, flag_values=fv, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "output folder (one subfolder per stage)", flag_values=fv)
+    flags.DEFINE_list("stages", None, f"comma-separated stages to run (default: all of "
+                      f"{list(STAGES)})", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "print the resolved config, mesh, memory estimates and stage "
-                      "plan; run nothing")
+                      "plan; run nothing", flag_values=fv)
     flags.DEFINE_integer("devices", 0, "with --dry_run: plan the mesh for this many devices "
-                         "(default: the devices visible here)")
+                         "(default: the devices visible here)", flag_values=fv)
 
 
 @cli_main
 def _entry() -> None:
-    from absl import app
+    from absl import flags
+    from absl import logging as absl_logging
 
-    _define_flags()
+    rest = flags.FLAGS(sys.argv, known_only=True)  # absl's own flags (--verbosity, ...)
+    absl_logging.use_absl_handler()
     logging.getLogger("dromedary_jax").setLevel(logging.INFO)
-    app.run(cli_main(main), argv=sys.argv, flags_parser=parse_flags)
+    main(rest)
 
 
 if __name__ == "__main__":

@@ -9,20 +9,29 @@ Model: ``model.checkpoint`` (a Hugging Face, Meta or dromedary_jax folder, read 
 ``model.seed`` (for demos and tests only). Rerunning the same command in the same workdir
 resumes from the newest checkpoint there. At the end the final weights (LoRA merged in) are
 exported to ``<workdir>/final`` (``export.format``: checkpoint | hf | none).
-Bad input or config: one ``error: ...`` line and exit status 2.
+
+Before anything is loaded, every config value is checked (``training.config.validate``), the
+tokenizer, the data files and the model checkpoint must exist, and the workdir is locked (one run
+at a time). Bad input or config: one ``error: config.<key>: ...`` line and exit status 2;
+Ctrl-C / SIGTERM: one ``interrupted`` line, exit 130 / 143, and the same command resumes.
+``main(argv)`` can be called in-process (``main(["train", "--config", ...])``).
 """
 from __future__ import annotations
 
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from dromedary_jax.errors import UserError, absl_cli_flags, check_workdir, cli_main
 
-from dromedary_jax.errors import UserError, check_workdir, cli_main, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "fine-tune config file (.py)",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, data)")
+def _define_flags(fv, argv) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "fine-tune config file (.py)",
+                                    lock_config=False, flag_values=fv, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, data)",
+                        flag_values=fv)
 
 
 def build_model(cfg, mesh=None):
@@ -45,6 +54,35 @@ def build_model(cfg, mesh=None):
     return Llama(config, rngs=nnx.Rngs(int(mcfg.get("seed", 0))), mesh=mesh)
 
 
+def check_inputs(cfg) -> None:
+    """What must hold before JAX starts or anything is written: every config value
+    (``config.<key>: ...``), the tokenizer path, the model checkpoint or preset."""
+    from dromedary_jax.training.config import validate
+
+    validate(cfg, where="config.")
+    if not cfg.get("tokenizer"):
+        raise UserError("config.tokenizer is empty: set --config.tokenizer=PATH")
+    if not os.path.exists(cfg.tokenizer):
+        raise UserError(f"config.tokenizer={cfg.tokenizer}: does not exist")
+    if cfg.model.get("checkpoint"):
+        from dromedary_jax.checkpoint import detect_format
+
+        try:
+            detect_format(cfg.model.checkpoint)
+        except UserError as e:
+            msg = str(e)
+            path = cfg.model.checkpoint
+            msg = msg[len(path):].lstrip(" :") if msg.startswith(path) else msg
+            raise UserError(f"config.model.checkpoint={path}: {msg}") from None
+    else:
+        from dromedary_jax.model.config import preset
+
+        try:
+            preset(cfg.model.preset)
+        except UserError as e:
+            raise UserError(f"config.model.preset: {e}") from None
+
+
 def export(result, cfg, workdir: str) -> str | None:
     fmt = cfg.export.format
     out = os.path.join(workdir, "final")
@@ -58,35 +96,53 @@ def export(result, cfg, workdir: str) -> str | None:
         from dromedary_jax.checkpoint import save_hf
 
         return save_hf(result.model, out, overwrite=True)  # a rerun re-exports, as above
-    raise UserError(f"export.format={fmt!r}: use checkpoint, hf or none")
+    raise UserError(f"config.export.format={fmt!r}: use checkpoint, hf or none")
 
 
 @cli_main
-def main(argv):
-    del argv
+def main(argv=None) -> None:
+    """Run the fine-tune CLI with ``argv`` (program name first; default ``sys.argv``)."""
+    from absl import flags, logging
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = absl_cli_flags(argv, _define_flags)
     if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax) only on request
         logging.set_verbosity(logging.WARNING)
-    cfg = _CONFIG.value
-    workdir = _WORKDIR.value
-    if cfg is None:
+    if fv.config is None:
         raise UserError("--config is required (e.g. --config configs/sft_tiny.py)")
-    check_workdir(workdir)
-    from dromedary_jax import sharding as shd
+    workdir = check_workdir(fv.workdir)
+    from dromedary_jax.training.config import with_defaults
+
+    cfg = with_defaults(fv.config)
+    check_inputs(cfg)
+
     from dromedary_jax.distributed import maybe_initialize
-    from dromedary_jax.tokenizer import load_tokenizer
 
     dist = cfg.get("distributed")  # multi-host: before any JAX call (else DROMEDARY_* env)
     maybe_initialize(dist.to_dict() if hasattr(dist, "to_dict") else dist)
-    from dromedary_jax.training import prepare_data, run_sft
+    import jax
 
-    if not cfg.get("tokenizer"):
-        raise UserError("config key tokenizer is empty: set --config.tokenizer=PATH")
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    prepare_data(cfg, tokenizer, None, workdir)  # bad records fail here, before model loading
-    mesh = shd.make_mesh(tuple(cfg.mesh.shape)) if "mesh" in cfg else None
-    model = build_model(cfg, mesh)
-    result = run_sft(cfg, model, tokenizer, None, workdir, mesh=mesh)
-    path = export(result, cfg, workdir)
+    from dromedary_jax.workdir_lock import workdir_lock
+
+    with workdir_lock(workdir, jax.process_index()):
+        msg = _train(cfg, workdir)
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _train(cfg, workdir: str) -> str:
+    from dromedary_jax import sharding as shd
+    from dromedary_jax.tokenizer import load_tokenizer
+    from dromedary_jax.training import prepare_data, run_sft
+    from dromedary_jax.training.config import config_path
+
+    with config_path("config."):  # the library names keys as in the fine-tune config
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        prepare_data(cfg, tokenizer, None, workdir)  # bad records fail here, before model loading
+        mesh = shd.make_mesh(tuple(cfg.mesh.shape)) if "mesh" in cfg else None
+        model = build_model(cfg, mesh)
+        result = run_sft(cfg, model, tokenizer, None, workdir, mesh=mesh)
+        path = export(result, cfg, workdir)
     msg = f"done: {result.step} steps"
     if result.final_loss is not None:
         msg += f", final loss {result.final_loss:.4f}"
@@ -94,15 +150,17 @@ def main(argv):
         msg += f", eval loss {result.eval_loss:.4f}"
     if path:
         msg += f", weights in {path}"
-    import jax
-
-    if jax.process_index() == 0:
-        print(msg, flush=True)
+    return msg
 
 
 @cli_main
 def _entry() -> None:
-    app.run(main, flags_parser=parse_flags)
+    from absl import flags
+    from absl import logging as absl_logging
+
+    rest = flags.FLAGS(sys.argv, known_only=True)  # absl's own flags (--verbosity, ...)
+    absl_logging.use_absl_handler()
+    main(rest)
 
 
 if __name__ == "__main__":

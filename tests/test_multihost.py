@@ -2,8 +2,9 @@
 gloo collectives) against the same work done by this single test process (8 fake devices).
 
 (a) the trainer: a LoRA fine-tune of 2 steps with Orbax checkpoints, then a second run that
-    restores from them (``checkpoint.resume_from``) and trains to step 4; each host reads its own
-    share of the data. The final adapters must equal the single-process ones within 1e-6.
+    restores from them (``checkpoint.resume_from``) and trains to step 4 (two shuffled epochs);
+    each host reads its own rows of every step of the global data order. The final adapters must
+    equal the single-process ones within 1e-6.
 (b) the runner's stage 2 (self_align, tiny model, shared-prefix sampling): each host generates
     its share into its own record shard, the manifest is written once, and the records must be
     identical to the single-process run. The share is uneven (5 questions, batch 2), so hosts
@@ -48,9 +49,9 @@ def sft_config(num_steps: int, resume_from: str = ""):
 
     cfg = training.default_config()
     cfg.data.max_len = 64
-    cfg.data.pack = False     # one example per row, and every step sees all 8 examples
-    cfg.data.shuffle = False  # (4 per host), so 1 and 2 processes compute the same batches
-    cfg.train.batch_size = NUM_EXAMPLES
+    cfg.data.pack = False     # one example per row
+    cfg.data.shuffle = True   # ONE global order (not one per host): 1 and 2 processes train on
+    cfg.train.batch_size = 4  # the same 4 rows a step, 2 from each host, a new order each epoch
     cfg.train.num_steps = num_steps
     cfg.train.learning_rate = 1e-3
     cfg.train.schedule = "constant"

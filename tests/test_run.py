@@ -2,6 +2,7 @@
 4, one-line config errors, --dry_run, ablation configs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,44 +106,119 @@ def test_bookkeeping_changes_keep_stages_done_and_dry_run_flags_real_changes(smo
     assert "[done, but the config changed: refused unless --config.overwrite/force]" in plan["engrave"], plan
 
 
-def _run_until(args, ready, timeout=300):
-    """Start the runner, SIGKILL it as soon as ready() is true; returns True if it was killed."""
+def _run_until(args, ready, timeout=300, sig=signal.SIGKILL):
+    """Start the runner, send ``sig`` as soon as ready() is true; returns (killed?, exit code,
+    stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "dromedary_jax.run", *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
+    killed = False
     try:
         while time.time() < deadline and proc.poll() is None:
             if ready():
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return True
+                proc.send_signal(sig)
+                killed = True
+                break
             time.sleep(0.1)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return False
+    return killed, proc.returncode, err
 
 
 def _has_checkpoint(path):
     return lambda: os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
 
 
-def test_kill_in_stage3_and_stage4_then_resume_equals_uninterrupted(smoke_run, tmp_path):
+def _has_lines(path, n):
+    def ready():
+        try:
+            with open(path, "rb") as f:
+                return f.read().count(b"\n") >= n
+        except FileNotFoundError:
+            return False
+    return ready
+
+
+SKIP_DIRS = {"checkpoints", "tensorboard", "data", "tokenizer", "model", "hf"}  # compared apart
+
+
+def outputs(wd):
+    """Every output file of a run, normalised for comparison: record shards as their records
+    sorted by id, other JSONL/JSON files parsed (metrics without timing fields), text files as
+    text; the workdir's own path replaced by "WD". Checkpoints, TensorBoard events, the prepared
+    dataset, images and measured wall times / memory (run_stats.json, the report's table of
+    them) are left out; models are compared by their parameters."""
+    from dromedary_jax.jsonl import read_log
+    from dromedary_jax.training.metrics import without_timing
+
+    out = {}
+    for root, dirs, files in os.walk(wd):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, wd)
+            if name.endswith(".png") or name.startswith(".dromedary.lock") \
+                    or name == "run_stats.json":
+                continue
+            text = open(path, encoding="utf-8").read().replace(wd, "WD")
+            if name.endswith(".jsonl"):
+                rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+                if "-of-" in name:
+                    rows = sorted(rows, key=lambda r: r["id"])
+                out[rel] = without_timing(rows) if name == "metrics.jsonl" else rows
+            elif name.endswith(".json"):
+                out[rel] = json.loads(text)
+                if name == "run_info.json":  # hashes the demo tokenizer, trained into each
+                    out[rel].pop("data_fingerprint")  # workdir (its file records its own path)
+            else:  # the report's time and memory table holds measurements
+                out[rel] = re.sub(r"## Time and memory\n.*?(?=\n## |\Z)", "", text, flags=re.S)
+    return out
+
+
+@pytest.mark.slow
+def test_kills_in_every_stage_then_resume_equal_uninterrupted(smoke_run, tmp_path):
+    """SIGKILL in stage 1 (between two flushed batches), SIGTERM in stage 3 (one line, exit 143),
+    SIGKILL in stage 4, each after a checkpoint; the resumed run's every output file (records,
+    derived files, metrics minus timing, manifests, report) and final models equal the
+    uninterrupted run's."""
     ref, _ = smoke_run
     wd = str(tmp_path / "killed")
     args = ["--config", SMOKE, "--workdir", wd, *SLOW_TRAIN]
-    assert _run_until(args, _has_checkpoint(os.path.join(wd, "engrave", "train", "checkpoints")))
+    killed, code, _ = _run_until(args, _has_lines(os.path.join(wd, "self_instruct",
+                                                              "topics-00000-of-00001.jsonl"), 8))
+    assert killed and code == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(wd, "self_instruct", "manifest.json"))
+    killed, code, err = _run_until(args, _has_checkpoint(os.path.join(wd, "engrave", "train", "checkpoints")),
+                                   sig=signal.SIGTERM)
+    assert killed and code == 143, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not re.match(r"[IWE]\d{4} ", ln)
+             and "Warning" not in ln and "warn(" not in ln]
+    assert lines == ["interrupted (SIGTERM): what was finished is saved; run the same command "
+                     "again to resume"], err[-3000:]
     assert not os.path.exists(os.path.join(wd, "engrave", "manifest.json"))
-    assert _run_until(args, _has_checkpoint(os.path.join(wd, "verbose_clone", "train", "checkpoints")))
+    killed, code, _ = _run_until(args, _has_checkpoint(os.path.join(wd, "verbose_clone", "train", "checkpoints")))
+    assert killed and code == -signal.SIGKILL
     assert not os.path.exists(os.path.join(wd, "verbose_clone", "manifest.json"))
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "== stage engrave: already done, skipped" in res.stdout
+    got, want = outputs(wd), outputs(ref)
+    assert sorted(got) == sorted(want)
+    for rel in want:
+        assert got[rel] == want[rel], rel
     for stage in ("engrave", "verbose_clone"):
         got, want = _params(os.path.join(wd, stage, "model")), _params(os.path.join(ref, stage, "model"))
         for k in want:
             np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=f"{stage}/{k}")
+    from safetensors.numpy import load_file
+
+    got, want = (load_file(os.path.join(d, "verbose_clone", "hf", "model.safetensors")) for d in (wd, ref))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=f"hf/{k}")
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -29,8 +29,13 @@ def resolve_path(path: str, key: str) -> str:
 
 
 def read_text(path: str, key: str) -> str:
-    with open(resolve_path(path, key), encoding="utf-8") as f:
-        return f.read()
+    full = resolve_path(path, key)
+    try:
+        with open(full, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"config.{key}: {full} is not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
 
 
 def load_json_or_jsonl(path: str, key: str) -> list[dict]:
@@ -138,7 +143,8 @@ def load_questions(path: str, key: str = "self_align.questions_file") -> list[di
     """Questions for stage 2: our stage-1 ``prompts.jsonl`` or any JSON/JSONL list of
     ``{"instruction" (or "question"), "input"?, "id"?}`` (e.g. the original merged inputs, or a
     red-teaming seed file). Missing ids become
-    ``q-<index>``; ids must be unique."""
+    ``q-<index>``; ids must be unique; a file with no questions is a UserError (stage 2 would be
+    "done" with nothing for stage 3 to train on)."""
     rows = load_json_or_jsonl(path, key)
     out, seen = [], set()
     for i, row in enumerate(rows):
@@ -151,6 +157,9 @@ def load_questions(path: str, key: str = "self_align.questions_file") -> list[di
         seen.add(qid)
         out.append({"id": qid, "instruction": str(text), "input": str(row.get("input", "") or ""),
                     "source": row.get("source", ""), "question_type": row.get("question_type", "")})
+    if not out:
+        raise UserError(f"config.{key}: {path} holds no questions (an empty file, or the stage "
+                        f"that wrote it kept none: see the funnel.md next to it)")
     return out
 
 

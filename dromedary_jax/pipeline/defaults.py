@@ -10,7 +10,7 @@ An experiment config is one ml_collections ConfigDict; a config file starts from
         return c
 
 Sections: ``seed``, ``overwrite``, ``force``, ``model``, ``data``, ``self_instruct``,
-``self_align``, ``engrave``, ``verbose_clone``, ``report``. Other top-level sections are left
+``self_align``, ``engrave``, ``verbose_clone``, ``report``, ``evaluate``. Other top-level sections are left
 alone by ``complete``.
 """
 from __future__ import annotations
@@ -18,9 +18,12 @@ from __future__ import annotations
 import ml_collections
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.training.config import (_MISSING, BOOL, PROB, UNIT, Choice, Float, Int, Rule,
+                                           check_rules, lookup)
+from dromedary_jax.training.config import validate as finetune_validate
 
 PIPELINE_SECTIONS = ("model", "data", "self_instruct", "self_align", "engrave", "verbose_clone",
-                     "report", "distributed")
+                     "report", "evaluate", "distributed")
 FREE_FORM = ("logit_bias", "overrides")  # dict-valued keys whose own keys are not checked
 TOP_LEVEL = ("seed", "overwrite", "force", "stages", "notice")
 
@@ -72,6 +75,7 @@ def get_defaults() -> ml_collections.ConfigDict:
         rounds=6,                 # brainstorm rounds (the paper grew the pool for several epochs)
         topics_per_call=10,
         max_words=3,
+        capitalize=True,          # "sports" -> "Sports" (False: reject it as not_capitalized)
         examples_per_prompt=5,    # existing topics shown per prompt once a type has 2x this many
         max_prompts_per_type=0,   # 0: one prompt per existing topic (paper); >0 caps it (tiny runs)
         max_new_tokens=128, temperature=1.0, top_p=0.98,
@@ -82,6 +86,8 @@ def get_defaults() -> ml_collections.ConfigDict:
         hints_per_prompt=5,       # new (type, topic) hints per prompt
         examples_per_prompt=5,    # seed questions shown as worked hints
         max_prompts=0,            # 0: all (type, topic) pairs
+        one_per_prompt=False,     # True: each hint its own prompt, ending in its line up to
+                                  # "instruction:" (small models do not copy hint lines)
         max_new_tokens=384, temperature=1.0, top_p=0.95,
         logit_bias={"<eos>": -100.0},
     ))
@@ -160,6 +166,20 @@ def get_defaults() -> ml_collections.ConfigDict:
     rp.num_samples = 3                      # questions answered before/after alignment
     rp.max_new_tokens = 96
     c.report = rp
+
+    # Stage 5 (opt-in: runs by default once a benchmark is set): TruthfulQA MC1/MC2 and BIG-bench
+    # HHH of the base, engraved and verbose-cloned models (pipeline/evaluate.py).
+    ev = ml_collections.ConfigDict()
+    ev.models = ("base", "engrave", "verbose_clone")
+    ev.truthfulqa = ""          # a TruthfulQA file (BIG-bench questions.json, or the HF dataset's
+                                # multiple_choice JSON/JSONL), or "bigbench" (the fetched copy)
+    ev.hhh = ""                 # BIG-bench's hhh_alignment folder, or "bigbench"
+    ev.max_truthfulqa = 0       # score the first N questions (0: all), the same for every model
+    ev.max_hhh = 0              # likewise for HHH examples
+    ev.batch_tokens = 0         # scorer tokens per step (0: the scorer's default)
+    ev.num_samples = 3          # red-teaming seed questions every model answers (for the report)
+    ev.sample_max_new_tokens = 96
+    c.evaluate = ev
     return c
 
 
@@ -270,39 +290,86 @@ def _merge(dst, src, path: str) -> None:
                     raise UserError(f"config.{path}{key}: {e}") from None
 
 
+def _sampling(prefix: str) -> dict:
+    return {f"{prefix}.max_new_tokens": Int(1), f"{prefix}.temperature": Float(0),
+            f"{prefix}.top_p": PROB}
+
+
+# Every numeric / boolean / choice key of the stage sections (the fine-tune sections
+# engrave.train / verbose_clone.train use training.config.FINETUNE_RULES). A test checks that
+# every such key of get_defaults() has a rule.
+PIPELINE_RULES: dict[str, Rule] = {
+    "seed": Int(0), "overwrite": BOOL, "force": BOOL,
+    "model.kind": Choice("", "scripted", "checkpoint", "preset"),
+    "model.init_seed": Int(-1), "model.dtype": Choice("float32", "bfloat16"),
+    "model.remat": Choice("none", "full", "dots"), "model.mesh": Rule("mesh", empty_ok=True),
+    "model.batch_size": Int(1), "model.top_k": Int(0), "model.progress": BOOL,
+    "model.delay_s": Float(0),
+    "distributed.num_processes": Int(0), "distributed.process_id": Int(-1),
+    "self_instruct.batch_size": Int(1),
+    "self_instruct.topics.enabled": BOOL, "self_instruct.topics.capitalize": BOOL,
+    "self_instruct.questions.one_per_prompt": BOOL, "self_instruct.topics.rounds": Int(0),
+    "self_instruct.topics.topics_per_call": Int(1), "self_instruct.topics.max_words": Int(1),
+    "self_instruct.topics.examples_per_prompt": Int(1),
+    "self_instruct.topics.max_prompts_per_type": Int(0), **_sampling("self_instruct.topics"),
+    "self_instruct.questions.enabled": BOOL, "self_instruct.questions.hints_per_prompt": Int(1),
+    "self_instruct.questions.examples_per_prompt": Int(0),
+    "self_instruct.questions.max_prompts": Int(0), **_sampling("self_instruct.questions"),
+    "self_instruct.vanilla.enabled": BOOL, "self_instruct.vanilla.num_instructions": Int(0),
+    "self_instruct.vanilla.requests_per_round": Int(1), "self_instruct.vanilla.max_rounds": Int(0),
+    "self_instruct.vanilla.prompt_seed_tasks": Int(1),
+    "self_instruct.vanilla.prompt_machine_tasks": Int(0),
+    "self_instruct.vanilla.num_tasks_in_template": Int(1), **_sampling("self_instruct.vanilla"),
+    "self_instruct.vanilla.min_words": Int(1), "self_instruct.vanilla.max_words": Int(1),
+    "self_instruct.vanilla.rouge_threshold": UNIT,
+    "self_align.batch_size": Int(1), "self_align.max_questions": Int(0),
+    "self_align.shuffle_principles_seed": Int(-1), "self_align.num_exemplars": Int(-1),
+    **_sampling("self_align"), "self_align.min_answer_chars": Int(0),
+    "self_align.require_answer_header": BOOL, "self_align.rename": BOOL,
+    "engrave.heldout_fraction": Float(0, 1, hi_open=True), "engrave.max_records": Int(0),
+    "verbose_clone.batch_size": Int(1), "verbose_clone.max_questions": Int(0),
+    **_sampling("verbose_clone"), "verbose_clone.min_answer_chars": Int(0),
+    "verbose_clone.heldout_fraction": Float(0, 1, hi_open=True), "verbose_clone.export_hf": BOOL,
+    "report.num_samples": Int(0), "report.max_new_tokens": Int(1),
+    "evaluate.max_truthfulqa": Int(0), "evaluate.max_hhh": Int(0), "evaluate.batch_tokens": Int(0),
+    "evaluate.num_samples": Int(0), "evaluate.sample_max_new_tokens": Int(1),
+}
+# keys that hold a tuple of strings (a lone string would be read letter by letter)
+STRING_TUPLES = ("stages", "evaluate.models", "self_instruct.vanilla.blacklist", "self_align.drop_principles",
+                 "self_align.exemplar_names", "self_align.stop", "self_align.leak_markers",
+                 "self_align.apology_prefixes", "verbose_clone.stop", "verbose_clone.leak_markers")
+LOGIT_BIASES = ("self_instruct.topics.logit_bias", "self_instruct.questions.logit_bias",
+                "self_instruct.vanilla.logit_bias", "self_align.logit_bias",
+                "verbose_clone.logit_bias")
+FINETUNE_SECTIONS = ("engrave.train", "verbose_clone.train")
+
+
 def validate(c) -> None:
+    """Check every value of a merged config before any stage runs (one UserError line naming
+    ``config.<key>``): the PIPELINE_RULES table, the fine-tune sections with the trainer's own
+    table, tuple-of-string keys, logit biases, n-gram penalties and the keys tied together."""
     def need(cond, key, msg):
         if not cond:
             raise UserError(f"config.{key}: {msg}")
 
-    need(isinstance(c.seed, int) and c.seed >= 0, "seed", "must be an int >= 0")
-    need(c.model.batch_size >= 1, "model.batch_size", "must be >= 1")
-    si = c.self_instruct
-    need(si.batch_size >= 1, "self_instruct.batch_size", "must be >= 1")
-    for sec in ("topics", "questions", "vanilla"):
-        s = si[sec]
-        need(s.max_new_tokens >= 1, f"self_instruct.{sec}.max_new_tokens", "must be >= 1")
-        need(s.temperature >= 0, f"self_instruct.{sec}.temperature", "must be >= 0")
-        need(0 < s.top_p <= 1, f"self_instruct.{sec}.top_p", "must be in (0, 1]")
-    need(si.topics.rounds >= 0, "self_instruct.topics.rounds", "must be >= 0")
-    need(si.topics.topics_per_call >= 1, "self_instruct.topics.topics_per_call", "must be >= 1")
-    need(si.topics.examples_per_prompt >= 1, "self_instruct.topics.examples_per_prompt", "must be >= 1")
-    need(si.questions.hints_per_prompt >= 1, "self_instruct.questions.hints_per_prompt", "must be >= 1")
-    need(si.questions.examples_per_prompt >= 0, "self_instruct.questions.examples_per_prompt", "must be >= 0")
-    v = si.vanilla
-    need(v.requests_per_round >= 1, "self_instruct.vanilla.requests_per_round", "must be >= 1")
-    need(v.prompt_seed_tasks >= 1, "self_instruct.vanilla.prompt_seed_tasks", "must be >= 1")
-    need(v.prompt_machine_tasks >= 0, "self_instruct.vanilla.prompt_machine_tasks", "must be >= 0")
-    need(0 <= v.rouge_threshold <= 1, "self_instruct.vanilla.rouge_threshold", "must be in [0, 1]")
-    need(1 <= v.min_words <= v.max_words, "self_instruct.vanilla.min_words",
-         "must be >= 1 and <= vanilla.max_words")
-    sa = c.self_align
-    need(sa.batch_size >= 1, "self_align.batch_size", "must be >= 1")
-    need(sa.max_new_tokens >= 1, "self_align.max_new_tokens", "must be >= 1")
-    need(sa.temperature >= 0, "self_align.temperature", "must be >= 0")
-    need(0 < sa.top_p <= 1, "self_align.top_p", "must be in (0, 1]")
-    need(sa.num_exemplars >= -1, "self_align.num_exemplars", "must be -1 (all) or >= 0")
-    need(sa.min_answer_chars >= 0, "self_align.min_answer_chars", "must be >= 0")
-    need(not isinstance(sa.drop_principles, str), "self_align.drop_principles",
-         "must be a tuple of principle keys, e.g. \"('candor',)\"")
-    need(not isinstance(sa.stop, str), "self_align.stop", "must be a tuple of strings")
+    check_rules(c, PIPELINE_RULES, "config.")
+    for key in STRING_TUPLES:
+        v = lookup(c, key)
+        need(v is _MISSING or (isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)),
+             key, f"must be a tuple of strings, e.g. \"('a', 'b')\" (got {v!r})")
+    for key in LOGIT_BIASES:
+        v = lookup(c, key)
+        if v is _MISSING or not v:
+            continue
+        bad = {k: b for k, b in dict(v).items() if Float().problem(b)}
+        need(not bad, key, f"biases must be numbers (got {bad})")
+    pen = c.verbose_clone.ngram_penalties
+    need(isinstance(pen, (tuple, list)) and all(
+        isinstance(p, (tuple, list)) and len(p) == 2 and not Int(1).problem(p[0])
+        and not Float(0).problem(p[1]) for p in pen), "verbose_clone.ngram_penalties",
+        f"must be a tuple of (n >= 1, penalty >= 0) pairs, e.g. ((3, 1.0), (4, 2.0)) (got {pen!r})")
+    v = c.self_instruct.vanilla
+    need(v.min_words <= v.max_words, "self_instruct.vanilla.min_words",
+         f"must be <= self_instruct.vanilla.max_words={v.max_words} (got {v.min_words})")
+    for sec in FINETUNE_SECTIONS:
+        finetune_validate(lookup(c, sec), f"config.{sec}.")

@@ -6,10 +6,10 @@ mesh axes that shard them); ``python -m dromedary_jax.plan`` compiles the real s
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
+from dromedary_jax.jsonl import read_json
 from dromedary_jax.model.config import ModelConfig, preset
 
 GiB = 1024**3
@@ -35,8 +35,7 @@ def _model_config_of(model_cfg) -> tuple[ModelConfig | None, str]:
     for name in ("dromedary_checkpoint.json", "config.json", "params.json"):
         f = os.path.join(path, name) if path else ""
         if f and os.path.isfile(f):
-            with open(f) as fh:
-                d = json.load(fh)
+            d = read_json(f)
             if name == "config.json":
                 return ModelConfig.from_hf_config(d), f"{f}"
             if name == "params.json":

@@ -18,7 +18,6 @@ fine-tune checkpoint) does not lock. The hash covers only what changes a stage's
 from __future__ import annotations
 
 import dataclasses
-import errno
 import glob
 import hashlib
 import json
@@ -27,7 +26,9 @@ import re
 import shutil
 from typing import Any, Callable, Iterable, Mapping
 
-from dromedary_jax.errors import UserError
+from dromedary_jax.errors import DISK_FULL, UserError, disk_full_error
+from dromedary_jax.jsonl import (read_json, read_log, repair_tail, write_json_atomic,  # noqa: F401
+                                 write_jsonl_atomic)
 
 _SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.jsonl$")
 NON_SEMANTIC_KEYS = frozenset({"batch_size", "delay_s", "overwrite", "force", "progress"})
@@ -39,7 +40,6 @@ MODEL_BOOKKEEPING_KEYS = frozenset({"remat", "mesh"})
 FINETUNE_BOOKKEEPING_KEYS = ("checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
                              "eval.every_steps", "metrics", "debug", "mesh", "data.prepared_dir",
                              "data.prepare_timeout_s", "data.read_threads")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------------------ hosts
@@ -148,19 +148,7 @@ def shard_paths(stage_dir: str, name: str) -> list[str]:
 
 
 def _read_lines(path: str) -> Iterable[dict]:
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a line cut short by a kill: ignored, repaired on next append
-                continue
-            raise UserError(f"{path}: line {i + 1} is not valid JSON; the records file is corrupt "
-                            f"(delete that line or the file to regenerate it)") from None
+    return read_log(path)  # a line cut short by a kill is ignored and repaired on the next append
 
 
 def read_records(stage_dir: str, name: str) -> list[dict]:
@@ -185,12 +173,7 @@ class ShardWriter:
 
     def _repair(self) -> None:
         """Drop a trailing partial line left by a kill."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+        repair_tail(self.path)
 
     def append(self, records: Iterable[dict]) -> None:
         """Write one batch of records and flush it to disk; skips ids already present."""
@@ -208,13 +191,13 @@ class ShardWriter:
                 if self.fsync:
                     os.fsync(self._f.fileno())
             except OSError as e:
-                if e.errno not in _DISK_FULL:
+                if e.errno not in DISK_FULL:
                     raise
                 try:  # the unwritten rest of the batch is dropped; a cut line is repaired on resume
                     self._f.close()
                 except OSError:
                     pass
-                raise disk_full_error(self.path, e) from None
+                raise disk_full_error(self.path, e, "writing records") from None
 
     def close(self) -> None:
         self._f.close()
@@ -226,49 +209,7 @@ class ShardWriter:
         self.close()
 
 
-def disk_full_error(path: str, e: OSError) -> UserError:
-    what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
-    return UserError(f"{path}: {what} while writing records; free some space (or raise the quota) "
-                     f"and rerun the same command: it resumes from the records already written")
-
-
-# ------------------------------------------------------------------------------------ atomic files
-
-def _write_atomic(path: str, write: Callable[[Any], Any]) -> Any:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            out = write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in _DISK_FULL:
-            raise
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise disk_full_error(path, e) from None
-    return out
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    def write(f):
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-
-    _write_atomic(path, write)
-
-
-def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> int:
-    def write(f):
-        n = 0
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-        return n
-
-    return _write_atomic(path, write)
-
+# Atomic writers (write_json_atomic, write_jsonl_atomic) live in dromedary_jax.jsonl.
 
 def read_jsonl(path: str) -> list[dict]:
     return list(_read_lines(path))
@@ -304,8 +245,7 @@ class StageDir:
         p = self._lock_path()
         if not os.path.exists(p):
             return None
-        with open(p) as f:
-            return json.load(f).get("config_hash")
+        return _read_object(p).get("config_hash")
 
     def open(self) -> "StageDir":
         """Check the config lock (refuse a different config unless overwrite/force) and write it."""
@@ -359,8 +299,7 @@ class StageDir:
         p = self.file("manifest.json")
         if not os.path.exists(p):
             return None
-        with open(p) as f:
-            return json.load(f)
+        return _read_object(p)
 
     def is_done(self) -> bool:
         m = self.manifest()
@@ -382,10 +321,19 @@ def stage_done(workdir: str, stage: str, expected_hash: str | None = None) -> di
     p = os.path.join(workdir, stage, "manifest.json")
     if not os.path.exists(p):
         return None
-    with open(p) as f:
-        m = json.load(f)
+    m = _read_object(p)
     if not m.get("done"):
         return None
     if expected_hash is not None and m.get("config_hash") != expected_hash:
         return None
     return m
+
+
+def _read_object(path: str) -> dict:
+    """A JSON object this project wrote (a manifest, a config lock); a UserError naming the file
+    if it is not one (these files are replaced atomically, so only an outside edit breaks them)."""
+    obj = read_json(path, " (delete it and rerun: the stage is redone or re-checked)")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__} (delete it "
+                        f"and rerun)")
+    return obj

@@ -2,9 +2,12 @@
 table (``funnel.md``) and a bar chart (``funnel.png``, matplotlib Agg backend)."""
 from __future__ import annotations
 
+import io
 import os
 from collections import Counter
 from typing import Iterable, Mapping, Sequence
+
+from dromedary_jax.jsonl import write_bytes_atomic, write_text_atomic
 
 Steps = list[tuple[str, int]]
 
@@ -72,8 +75,10 @@ def bar_chart(path: str, title: str, sections: Sequence[tuple[str, Steps]],
             ax.text(v, i, f" {v}", va="center", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_funnel(stage_dir: str, title: str, sections: Sequence[tuple[str, Steps]],
@@ -81,7 +86,6 @@ def write_funnel(stage_dir: str, title: str, sections: Sequence[tuple[str, Steps
     """Write ``funnel.md`` and ``funnel.png`` into ``stage_dir``; returns their paths."""
     md_path = os.path.join(stage_dir, "funnel.md")
     png_path = os.path.join(stage_dir, "funnel.png")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(markdown(title, sections, citations, notes))
+    write_text_atomic(md_path, markdown(title, sections, citations, notes))
     bar_chart(png_path, title, sections, citations)
     return {"funnel_md": md_path, "funnel_png": png_path}

@@ -81,11 +81,17 @@ def load_model_and_tokenizer(model_cfg, seed: int = 0, workdir: str = ""):
 
 
 def check_checkpoint(model_cfg) -> str:
-    """The format of ``model.checkpoint`` ('hf', 'meta' or 'orbax'); a UserError naming the key
-    when the path is not a model folder."""
+    """The format of ``model.checkpoint`` ('hf', 'meta', 'orbax' or 'gguf'); a UserError naming
+    the key when the path is not a model folder or file (``fetch:NAME``: a file
+    ``python -m dromedary_jax.fetch NAME`` has not fetched yet)."""
     from dromedary_jax.checkpoint import detect_format
 
     path = model_cfg.checkpoint
+    if path.startswith("fetch:"):  # a config naming a file `python -m dromedary_jax.fetch` gets
+        name = path[len("fetch:"):]
+        raise UserError(f"config.model.checkpoint={path}: the model file is not in the cache yet; "
+                        f"run `python -m dromedary_jax.fetch {name}` (make demo does) or set "
+                        "--config.model.checkpoint=PATH")
     try:
         return detect_format(path)
     except UserError as e:

@@ -3,23 +3,22 @@ stages 3 and 4 (``training_curves.png``) and sample answers of the base and the 
 same questions under the same short meta-prompt (before/after alignment)."""
 from __future__ import annotations
 
-import json
+import io
 import os
 
+from dromedary_jax.jsonl import read_log, write_bytes_atomic, write_text_atomic
 from dromedary_jax.pipeline import data as D
 from dromedary_jax.pipeline.finetune import meta_template
 from dromedary_jax.pipeline.records import stage_done
 
-STAGES = ("self_instruct", "self_align", "engrave", "verbose_clone")
+STAGES = ("self_instruct", "self_align", "engrave", "verbose_clone", "evaluate")
 TRAINED = ("engrave", "verbose_clone")
 
 
 def _metrics(workdir: str, stage: str) -> list[dict]:
-    path = os.path.join(workdir, stage, "train", "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(x) for x in f if x.strip()]
+    """A stage's training metrics (a line cut short by a kill is skipped; any other bad line is
+    a UserError naming the file and line)."""
+    return read_log(os.path.join(workdir, stage, "train", "metrics.jsonl"))
 
 
 def plot_curves(workdir: str, out_png: str) -> bool:
@@ -43,8 +42,10 @@ def plot_curves(workdir: str, out_png: str) -> bool:
         if ax.has_data():
             ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    write_bytes_atomic(out_png, buf.getvalue())
     return True
 
 
@@ -83,6 +84,27 @@ def sample_answers(config, workdir: str, res) -> list[tuple[str, str, str]]:
     return [(q["question"], b.strip(), a.strip()) for q, b, a in zip(questions, before, after)]
 
 
+def resource_lines(workdir: str) -> list[str]:
+    """A table of each stage's wall time and peak RSS (``<stage>/run_stats.json``, written by
+    the runner for the run that did the stage's work)."""
+    from dromedary_jax.jsonl import read_json
+
+    rows = []
+    for stage in STAGES:
+        p = os.path.join(workdir, stage, "run_stats.json")
+        if os.path.isfile(p):
+            st = read_json(p)
+            peak = st.get("peak_rss_bytes")
+            rows.append(f"| {stage} | {st.get('wall_s', 0):.0f} | "
+                        f"{'-' if peak is None else f'{peak / 2**30:.2f}'} |")
+    if not rows:
+        return []
+    return ["", "## Time and memory", "",
+            "Each stage's wall time and peak resident memory (its own peak: the high-water mark "
+            "is reset when it starts), from the run that did its work.", "",
+            "| stage | wall (s) | peak RSS (GiB) |", "|---|---:|---:|"] + rows
+
+
 def write_report(config, workdir: str, res) -> str:
     """Write ``report.md`` (and ``training_curves.png``); returns the report path."""
     lines = [f"# SELF-ALIGN run report: {os.path.abspath(workdir)}", ""]
@@ -103,6 +125,12 @@ def write_report(config, workdir: str, res) -> str:
         if os.path.exists(os.path.join(workdir, stage, "funnel.md")):
             lines.append(f"- {stage} funnel: [{stage}/funnel.md]({stage}/funnel.md), "
                          f"chart [{stage}/funnel.png]({stage}/funnel.png)")
+    lines += resource_lines(workdir)
+    from dromedary_jax.pipeline.eval_report import evaluation_section
+
+    evaluation = evaluation_section(workdir)
+    if evaluation:
+        lines += [""] + evaluation
     png = os.path.join(workdir, "training_curves.png")
     if plot_curves(workdir, png):
         lines += ["", "## Training curves", "", "![training curves](training_curves.png)"]
@@ -115,6 +143,5 @@ def write_report(config, workdir: str, res) -> str:
             lines += [f"**User:** {q}", "", f"- base: {before or '(empty)'}",
                       f"- final: {after or '(empty)'}", ""]
     path = os.path.join(workdir, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

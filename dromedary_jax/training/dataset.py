@@ -9,12 +9,13 @@ stores ``tokens`` (int32), ``loss_mask`` (uint8), ``index`` (its position in the
 tokenizer and every data setting, so a rerun (or a resumed run) reuses it and any change makes
 a new one. Example lengths go to ``lengths-<split>.npy`` next to it.
 
-Reading (grain): the split is sharded by host (``[process_index::process_count]``), shuffled
-from ``data.seed`` (a new order every epoch), repeated ``data.num_epochs`` times and packed into
-rows (``packing.py``). :class:`BatchIterator` yields exactly ``num_batches`` host batches (the
-last ones padded with empty rows) and its state (JSON bytes, saved with the Orbax checkpoint via
-grain's checkpoint handler) names the next example to read, so a restored iterator continues at
-the exact next example.
+Reading: ONE global example order (shuffled from ``data.seed``, a new order every epoch,
+repeated ``data.num_epochs`` times) is packed into one global sequence of rows (``packing.py``);
+step s trains on its next ``train.batch_size`` rows and each process reads only its own share of
+them (:func:`row_plan`, :func:`host_rows`), so the batches do not depend on the process count.
+:class:`BatchIterator` yields exactly ``num_batches`` host batches (the last ones padded with
+empty rows); its state (JSON bytes, saved with the Orbax checkpoint via grain's checkpoint
+handler) is the number of batches taken, so a restored iterator continues at the exact next one.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_json, write_json_atomic
 from dromedary_jax.training import examples as ex_lib
 from dromedary_jax.training import packing
 
@@ -215,42 +217,82 @@ def prepare(data_cfg, tokenizer, train_files: Sequence[str], eval_files: Sequenc
             info = {"fingerprint": fp, "format_version": FORMAT_VERSION,
                     "counts": {k: len(v) for k, v in splits.items()}, "stats": stats,
                     "max_len": int(data_cfg.max_len)}
-            with open(os.path.join(ds_dir, INFO_FILE), "w") as f:
-                json.dump(info, f, indent=1)
+            write_json_atomic(os.path.join(ds_dir, INFO_FILE), info, indent=1)
             if os.path.isdir(final):  # an unfinished earlier attempt
                 shutil.rmtree(final)
             os.replace(ds_dir, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     _wait_for(info_path, float(data_cfg.get("prepare_timeout_s", 3600)))
-    with open(info_path) as f:
-        info = json.load(f)
+    info = read_json(info_path, " (a prepared dataset; delete its folder to prepare it again)")
     return PreparedData(path=final, fingerprint=fp, counts=info["counts"], stats=info["stats"])
 
 
 # ----------------------------------------------------------------------------- reading
-def ordered(ds, *, shuffle: bool, seed: int, num_epochs: int | None, process_index: int,
-            process_count: int):
-    """This host's example order: shard, shuffle (new order per epoch), repeat."""
+# The data order is GLOBAL: one example order (shuffled from data.seed, a new order every epoch)
+# packed into one sequence of rows; optimizer step s uses rows [s*G, (s+1)*G) of it (G = the
+# global batch) and process p of P takes rows [s*G + p*G/P, s*G + (p+1)*G/P) of those. So every
+# step trains on the same rows whatever the process count: a 2-host run equals a 1-host run.
+FORMAT_ORDER = "global"  # the iterator state's "order" (older states had per-host orders)
+
+
+def ordered(ds, *, shuffle: bool, seed: int, num_epochs: int | None):
+    """The global example order of a split: shuffle (a new order every epoch), repeat
+    (``num_epochs=None``: forever)."""
     import grain
 
     ds = grain.MapDataset.source(ds) if not isinstance(ds, grain.MapDataset) else ds
-    ds = ds[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     return ds.repeat(num_epochs)
 
 
+def row_plan(lengths: np.ndarray, *, seq_len: int, pack: bool, shuffle: bool, seed: int,
+             num_epochs: int | None, max_rows: int | None = None) -> list[list[int]]:
+    """The global sequence of rows, each a list of example indices: what ``RowPacker`` makes of
+    the global order (:func:`ordered`) of examples with these input ``lengths``. A pure function
+    of its arguments. ``max_rows`` stops early (needed when ``num_epochs`` is None)."""
+    if num_epochs is None and max_rows is None:
+        raise ValueError("row_plan: an endless order (num_epochs=None) needs max_rows")
+    order = ordered(np.arange(len(lengths)), shuffle=shuffle, seed=seed, num_epochs=num_epochs)
+    total = len(lengths) * num_epochs if num_epochs is not None else None
+    packer = packing.RowPacker(seq_len, pack)
+    rows: list[list[int]] = []
+    i = 0
+    while (total is None or i < total) and (max_rows is None or len(rows) < max_rows):
+        idx = int(order[i])
+        i += 1
+        n = int(lengths[idx])
+        if n > seq_len:
+            raise UserError(f"an example of {n + 1} tokens is longer than data.max_len={seq_len}; "
+                            f"prepare the data again")
+        done = packer.add(idx, n)
+        if done:
+            rows.append(done)
+    if max_rows is None or len(rows) < max_rows:
+        last = packer.flush()
+        if last:
+            rows.append(last)
+    return rows
+
+
+def host_rows(plan: Sequence[Sequence[int]], step: int, rows_per_batch: int,
+              process_index: int = 0, process_count: int = 1) -> list[list[int]]:
+    """Process ``process_index``'s rows of optimizer step ``step`` (``rows_per_batch`` per
+    process; rows past the end of the plan are empty)."""
+    g = rows_per_batch * process_count
+    lo = step * g + process_index * rows_per_batch
+    out = [list(r) for r in plan[lo:lo + rows_per_batch]]
+    return out + [[] for _ in range(rows_per_batch - len(out))]
+
+
 def num_batches(lengths: np.ndarray, *, seq_len: int, pack: bool, rows_per_batch: int,
                 shuffle: bool, seed: int, num_epochs: int, process_count: int) -> int:
-    """Batches needed to see every example ``num_epochs`` times on the busiest host."""
-    most = 0
-    for p in range(process_count):
-        order = ordered(lengths, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                        process_index=p, process_count=process_count)
-        rows = packing.count_rows((order[i] for i in range(len(order))), seq_len, pack)
-        most = max(most, math.ceil(rows / rows_per_batch))
-    return most
+    """Optimizer steps that see every example ``num_epochs`` times: the global rows over the
+    global batch (``rows_per_batch`` rows on each of ``process_count`` processes)."""
+    rows = len(row_plan(lengths, seq_len=seq_len, pack=pack, shuffle=shuffle, seed=seed,
+                        num_epochs=num_epochs))
+    return math.ceil(rows / (rows_per_batch * process_count))
 
 
 def _to_example(rec) -> dict:
@@ -264,90 +306,76 @@ class BatchIterator:
     """Host-local batches ``{tokens, targets, loss_mask, segment_ids, positions}`` int32
     [rows_per_batch, seq_len] plus ``example_ids`` (per row, the indices of its examples).
 
-    Yields exactly ``num_batches`` batches; after the data ends, rows are empty (segment 0,
-    loss mask 0). ``get_state``/``set_state`` use JSON bytes (grain's checkpoint handler stores
-    them per process). State is taken between batches: the grain iterator's position before the
-    example that is read but not yet placed in a row, and the batch count.
+    Yields exactly ``num_batches`` batches: this process's rows of each step of the global
+    :func:`row_plan` (see the note above it); after the data ends, rows are empty (segment 0,
+    loss mask 0). ``lengths``: the split's input lengths (``PreparedData.lengths``; read from
+    ``source`` when None). ``get_state``/``set_state`` use JSON bytes (grain's checkpoint handler
+    stores them per process): the number of batches taken, which is all a restored iterator needs
+    to continue at the exact next batch.
     """
 
     def __init__(self, source, *, seq_len: int, pack: bool, rows_per_batch: int,
                  num_batches: int, shuffle: bool, seed: int, num_epochs: int | None,
-                 process_index: int = 0, process_count: int = 1, read_threads: int = 2):
-        import grain
-
+                 process_index: int = 0, process_count: int = 1, read_threads: int = 2,
+                 lengths: np.ndarray | None = None):
+        self.source = source
         self.seq_len = seq_len
-        self.pack = pack
         self.rows_per_batch = rows_per_batch
         self.num_batches = num_batches
-        ds = ordered(source, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                     process_index=process_index, process_count=process_count).map(_to_example)
-        opts = grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=64)
-        self._it = iter(ds.to_iter_dataset(opts))
-        self._pending = None  # (example, grain state before reading it)
-        self._exhausted = False
+        self.process_index, self.process_count = process_index, process_count
+        self.read_threads = max(1, read_threads)
+        if lengths is None:
+            lengths = np.asarray([len(source[i]["tokens"]) - 1 for i in range(len(source))])
+        self.plan = row_plan(lengths, seq_len=seq_len, pack=pack, shuffle=shuffle, seed=seed,
+                             num_epochs=num_epochs,
+                             max_rows=num_batches * rows_per_batch * process_count)
         self._count = 0
+        self._it = None
 
     def __iter__(self):
         return self
 
-    def _next_example(self):
-        if self._pending is not None:
-            item, self._pending = self._pending, None
-            return item
-        if self._exhausted:
-            return None
-        state = self._it.get_state()
-        try:
-            return next(self._it), state
-        except StopIteration:
-            self._exhausted = True
-            return None
+    def batch(self, step: int) -> dict:
+        """This process's batch of optimizer step ``step`` (a pure function of the plan)."""
+        rows = host_rows(self.plan, step, self.rows_per_batch, self.process_index,
+                         self.process_count)
+        batch = packing.empty_rows(self.rows_per_batch, self.seq_len)
+        for r, idxs in enumerate(rows):
+            if idxs:
+                arrays = packing.make_row([_to_example(self.source[i]) for i in idxs], self.seq_len)
+                for k in packing.ROW_KEYS:
+                    batch[k][r] = arrays[k]
+        batch["example_ids"] = rows
+        return batch
 
-    def _next_row(self):
-        packer = packing.RowPacker(self.seq_len, self.pack)
-        while True:
-            item = self._next_example()
-            if item is None:
-                return packer.flush()
-            ex, _ = item
-            n = len(ex["inputs"])
-            if n > self.seq_len:
-                raise UserError(f"an example of {n + 1} tokens is longer than data.max_len="
-                                f"{self.seq_len}; prepare the data again")
-            if packer.open and not packer.fits(n):
-                self._pending = item
-                return packer.flush()
-            packer.add(ex, n)
+    def _start(self) -> None:
+        import grain
+
+        ds = grain.MapDataset.range(self._count, self.num_batches).map(self.batch)
+        opts = grain.ReadOptions(num_threads=self.read_threads,
+                                 prefetch_buffer_size=2 * self.read_threads)
+        self._it = iter(ds.to_iter_dataset(opts))
 
     def __next__(self) -> dict:
         if self._count >= self.num_batches:
             raise StopIteration
-        batch = packing.empty_rows(self.rows_per_batch, self.seq_len)
-        ids: list[list[int]] = []
-        for r in range(self.rows_per_batch):
-            row = self._next_row()
-            if not row:
-                ids.append([])
-                continue
-            arrays = packing.make_row(row, self.seq_len)
-            for k in packing.ROW_KEYS:
-                batch[k][r] = arrays[k]
-            ids.append([e["index"] for e in row])
+        if self._it is None:
+            self._start()
+        out = next(self._it)
         self._count += 1
-        batch["example_ids"] = ids
-        return batch
+        return out
 
     def get_state(self) -> bytes:
-        inner = self._pending[1] if self._pending is not None else self._it.get_state()
-        return json.dumps({"grain": inner, "batches": self._count,
-                           "exhausted": self._exhausted and self._pending is None}).encode()
+        return json.dumps({"batches": self._count, "order": FORMAT_ORDER}).encode()
 
     def set_state(self, state: bytes) -> None:
         s = json.loads(state)
-        self._it.set_state(s["grain"])
-        self._pending = None
+        if s.get("order") != FORMAT_ORDER and self.process_count > 1:
+            raise UserError("this checkpoint was written by an older version whose multi-host "
+                            "data order differs from this one; resume it with that version or "
+                            "start the fine-tune again in a new workdir")
         self._count = int(s["batches"])
-        self._exhausted = bool(s.get("exhausted", False))
+        self._it = None
 
 
 class StateSnapshot:

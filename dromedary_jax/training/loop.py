@@ -1,7 +1,9 @@
 """The SFT trainer: ``run_sft(cfg, model, tokenizer, train_files, workdir, eval_files=None)``.
 
 What it does, in order:
-  1. checks the config against the model (``data.max_len`` <= ``max_seq_len``, batch splits);
+  1. checks every config value (``training.config.validate``; errors name the key as in ``cfg``,
+     e.g. ``train.batch_size``), then the config against the model (``data.max_len`` <=
+     ``max_seq_len``, batch splits over the processes);
   2. prepares the JSONL files into an ArrayRecord dataset under ``<workdir>/data`` (reused);
   3. builds the mesh (``mesh`` argument, else the model's, else ``cfg.mesh.shape``), the
      optimizer, the train state (full parameters or LoRA adapters) and the jit'ed steps;
@@ -10,7 +12,9 @@ What it does, in order:
      restored onto the CURRENT mesh;
   5. trains, writing metrics (``metrics.jsonl``, ``tensorboard/``), eval loss every
      ``eval.every_steps`` and at the end, async checkpoints every ``checkpoint.every_steps``
-     and at the end (keep the last ``checkpoint.keep``);
+     and at the end (keep the last ``checkpoint.keep``); the metrics up to a checkpoint are on
+     disk before it is saved, and a resumed run rewrites the lines after its step, so a killed
+     and resumed run ends with the metrics of an uninterrupted one;
   6. returns a :class:`TrainResult` with the final parameters (LoRA merged in).
 
 Throughput: ``tokens_per_s`` counts every position of every row (padding included, it is
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -32,12 +35,13 @@ import jax.numpy as jnp
 
 from dromedary_jax import sharding as shd
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import AppendLog, read_json, read_log, write_json_atomic
 from dromedary_jax.model.llama import Llama, param_shardings
 from dromedary_jax.training import dataset as ds_lib
 from dromedary_jax.training import examples as ex_lib
 from dromedary_jax.training import lora as lora_lib
 from dromedary_jax.training import step as step_lib
-from dromedary_jax.training.config import with_defaults
+from dromedary_jax.training.config import validate, with_defaults
 from dromedary_jax.training.metrics import MetricsWriter
 from dromedary_jax.training.optimizer import make_optimizer
 
@@ -62,20 +66,17 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- checks
 def _check_config(cfg, model_config, tokenizer, process_count: int) -> None:
+    """What :func:`training.config.validate` cannot know: the model, tokenizer, process count."""
     d, t = cfg.data, cfg.train
-    if int(d.max_len) < 2:
-        raise UserError(f"data.max_len={d.max_len} must be >= 2")
     if int(d.max_len) > model_config.max_seq_len:
         raise UserError(f"data.max_len={d.max_len} is over the model's maximum sequence length "
                         f"{model_config.max_seq_len}; lower data.max_len")
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model_config.vocab_size}; use the model's tokenizer")
-    if int(t.grad_accum) < 1 or int(t.batch_size) % (int(t.grad_accum) * process_count):
+    if int(t.batch_size) % (int(t.grad_accum) * process_count):
         raise UserError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum="
                         f"{t.grad_accum} x {process_count} process(es)")
-    if int(d.num_epochs) < 1 and int(t.num_steps) <= 0:
-        raise UserError("set data.num_epochs >= 1 or train.num_steps > 0")
     if int(cfg.eval.batch_size) % process_count:
         raise UserError(f"eval.batch_size={cfg.eval.batch_size} must be a multiple of "
                         f"{process_count} process(es)")
@@ -93,8 +94,9 @@ def _run_info(cfg, model_config, data: ds_lib.PreparedData, total_steps: int) ->
 def _check_run_info(workdir: str, info: dict) -> None:
     path = os.path.join(workdir, RUN_INFO)
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path, " (it describes the checkpoints next to it: delete it to resume "
+                              "them anyway)")
+        old = old if isinstance(old, dict) else {}
         diff = sorted(k for k in info if old.get(k) != info[k])
         if diff:
             raise UserError(f"{workdir} holds checkpoints of a different run (differs in: "
@@ -179,7 +181,8 @@ def _evaluate(eval_fn, trainable, frozen, data, cfg, mesh, pidx, pcount) -> floa
     it = ds_lib.BatchIterator(data.source(ds_lib.VALIDATION), seq_len=seq_len,
                               pack=bool(cfg.data.pack), rows_per_batch=rows, num_batches=n,
                               shuffle=False, seed=0, num_epochs=1, process_index=pidx,
-                              process_count=pcount, read_threads=int(cfg.data.read_threads))
+                              process_count=pcount, read_threads=int(cfg.data.read_threads),
+                              lengths=data.lengths(ds_lib.VALIDATION))
     total = jnp.float32(0)
     count = jnp.float32(0)
     for hb in it:
@@ -206,7 +209,7 @@ def prepare_data(cfg, tokenizer, train_files, workdir: str, eval_files=None) -> 
 
 def _total_steps(cfg, data: ds_lib.PreparedData, host_rows: int, pcount: int):
     """(optimizer steps, epochs or None): ``train.num_steps`` (data repeats as needed), else
-    enough steps for ``data.num_epochs`` passes on the busiest host."""
+    enough steps for ``data.num_epochs`` passes over the global row order."""
     if int(cfg.train.num_steps) > 0:
         return int(cfg.train.num_steps), None
     epochs = int(cfg.data.num_epochs)
@@ -252,6 +255,7 @@ def run_sft(cfg, model: Llama, tokenizer, train_files: Sequence[str] | str | Non
     else ``cfg.mesh.shape`` over all devices. ``model`` is never modified.
     """
     cfg = with_defaults(cfg)
+    validate(cfg)  # every value's type and range, named as in cfg (train.batch_size, ...)
     mc = model.config
     pidx, pcount = jax.process_index(), jax.process_count()
     _check_config(cfg, mc, tokenizer, pcount)
@@ -296,13 +300,12 @@ def run_sft(cfg, model: Llama, tokenizer, train_files: Sequence[str] | str | Non
     source, source_step = _resume_source(cfg, mngr, workdir, info)
     if pidx == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, RUN_INFO), "w") as f:
-            json.dump(info, f, indent=1)
+        write_json_atomic(os.path.join(workdir, RUN_INFO), info, indent=1)
     it = ds_lib.BatchIterator(
         data.source(ds_lib.TRAIN), seq_len=seq_len, pack=bool(cfg.data.pack),
         rows_per_batch=host_rows, num_batches=total_steps, shuffle=bool(cfg.data.shuffle),
         seed=int(cfg.data.seed), num_epochs=epochs, process_index=pidx, process_count=pcount,
-        read_threads=int(cfg.data.read_threads))
+        read_threads=int(cfg.data.read_threads), lengths=data.lengths(ds_lib.TRAIN))
     if source is not None:
         state, data_state = _restore(source, source_step,
                                      step_lib.abstract_state(tx, abstract_trainable, state_sh))
@@ -344,15 +347,22 @@ def run_sft(cfg, model: Llama, tokenizer, train_files: Sequence[str] | str | Non
 def _train_loop(cfg, state, it, train_fn, frozen, evaluate, mngr, workdir: str, *, mesh,
                 total_steps: int, resumed_here: bool, flops_per_token: float):
     """Steps from ``state["step"]`` to ``total_steps`` with metrics, eval and checkpoints.
-    Returns (final state, last train loss or None, final eval loss or None)."""
+    Returns (final state, last train loss or None, final eval loss or None).
+
+    Every metric of the steps up to a checkpoint (train lines, then that step's eval line) is on
+    disk before the checkpoint is saved; a resumed run drops the lines after the step it restored
+    and writes them again, so the finished ``metrics.jsonl`` (and ``examples_seen-*.jsonl``)
+    equal an uninterrupted run's, timing fields aside."""
     pidx = jax.process_index()
     seq_len, accum = int(cfg.data.max_len), int(cfg.train.grad_accum)
     global_rows = int(cfg.train.batch_size)
     start = int(jax.device_get(state["step"]))
-    writer = MetricsWriter(workdir, enabled=pidx == 0, tensorboard=bool(cfg.metrics.tensorboard))
+    writer = MetricsWriter(workdir, enabled=pidx == 0, tensorboard=bool(cfg.metrics.tensorboard),
+                           resume_step=start)
     ids_log = None
     if cfg.metrics.log_example_ids:
-        ids_log = open(os.path.join(workdir, f"examples_seen-{pidx}.jsonl"), "a")
+        ids_log = AppendLog(os.path.join(workdir, f"examples_seen-{pidx}.jsonl"),
+                            keep=lambda r: int(r.get("step", 0)) <= start)
     peak = float(cfg.metrics.peak_flops) * jax.device_count()
     every_ckpt, every_eval = int(cfg.checkpoint.every_steps), int(cfg.eval.every_steps)
     log_every = max(1, int(cfg.metrics.log_every))
@@ -362,9 +372,37 @@ def _train_loop(cfg, state, it, train_fn, frozen, evaluate, mngr, workdir: str, 
 
         pbar = tqdm(total=total_steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
     pending: list = []
-    t_mark, steps_mark = None, start
+    timing = {"mark": None, "steps": start}
     last_loss = eval_loss = None
     last_saved = start if resumed_here else None
+
+    def flush(rates: bool) -> None:
+        """Write the pending steps' metrics (``rates``: add tokens/s and MFU over the steps
+        since the previous rated flush: at the ``metrics.log_every`` steps)."""
+        nonlocal pending, last_loss
+        if not pending:
+            return
+        fetched = jax.device_get([mm for _, mm in pending])
+        done = pending[-1][0]
+        if rates and timing["mark"] is not None and done > timing["steps"]:
+            now = time.perf_counter()
+            tps = (done - timing["steps"]) * global_rows * seq_len / (now - timing["mark"])
+            fetched[-1]["tokens_per_s"] = tps
+            if peak > 0:
+                fetched[-1]["mfu"] = tps * flops_per_token / peak
+            timing["mark"], timing["steps"] = now, done
+        writer.write_many([(s, vals) for (s, _), vals in zip(pending, fetched)])
+        last_loss = float(fetched[-1]["loss"])
+        pending = []
+        if pbar is not None:
+            pbar.set_postfix(loss=f"{last_loss:.4f}")
+
+    def save(done: int) -> None:
+        writer.sync()
+        if ids_log is not None:
+            ids_log.sync()
+        _save(mngr, done, state, it.get_state())
+
     try:
         for step in range(start, total_steps):
             hb = next(it)
@@ -373,42 +411,43 @@ def _train_loop(cfg, state, it, train_fn, frozen, evaluate, mngr, workdir: str, 
             done = step + 1
             pending.append((done, m))
             if ids_log is not None:
-                ids_log.write(json.dumps({"step": done, "ids": hb["example_ids"]}) + "\n")
-                ids_log.flush()
-            if t_mark is None:  # the first step compiles: time from its end
+                ids_log.write({"step": done, "ids": hb["example_ids"]})
+            if timing["mark"] is None:  # the first step compiles: time from its end
                 jax.block_until_ready(m)
-                t_mark, steps_mark = time.perf_counter(), done
-            if done % log_every == 0 or done == total_steps:
-                fetched = jax.device_get([mm for _, mm in pending])
-                now = time.perf_counter()
-                if done > steps_mark:
-                    tps = (done - steps_mark) * global_rows * seq_len / (now - t_mark)
-                    fetched[-1]["tokens_per_s"] = tps
-                    if peak > 0:
-                        fetched[-1]["mfu"] = tps * flops_per_token / peak
-                    t_mark, steps_mark = now, done
-                for (s, _), vals in zip(pending, fetched):
-                    writer.write(s, vals)
-                last_loss = float(fetched[-1]["loss"])
-                pending = []
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{last_loss:.4f}")
+                timing["mark"], timing["steps"] = time.perf_counter(), done
+            final = done == total_steps
+            log_due = done % log_every == 0 or final
+            ckpt_due = final or (every_ckpt > 0 and done % every_ckpt == 0)
+            eval_due = evaluate is not None and (
+                final or (every_eval > 0 and done % every_eval == 0))
+            if log_due or ckpt_due or eval_due:
+                flush(rates=log_due)
             if pbar is not None:
                 pbar.update(1)
-            if every_ckpt > 0 and done % every_ckpt == 0 and done != total_steps:
-                _save(mngr, done, state, it.get_state())
+            if eval_due:
+                value = evaluate(state["params"])
+                writer.write(done, {"eval_loss": value})
+                eval_loss = value if final else eval_loss
+            if ckpt_due:
+                save(done)
                 last_saved = done
-            if evaluate is not None and every_eval > 0 and done % every_eval == 0 \
-                    and done != total_steps:
-                writer.write(done, {"eval_loss": evaluate(state["params"])})
             if float(cfg.debug.step_sleep_s) > 0:
                 time.sleep(float(cfg.debug.step_sleep_s))
-        if last_saved != total_steps:
-            _save(mngr, total_steps, state, it.get_state())
-        if evaluate is not None:
-            eval_loss = evaluate(state["params"])
-            writer.write(total_steps, {"eval_loss": eval_loss})
+        if last_saved != total_steps:  # restored at the last step of another run: nothing ran
+            if evaluate is not None:
+                eval_loss = evaluate(state["params"])
+                writer.write(total_steps, {"eval_loss": eval_loss})
+            save(total_steps)
+        elif start == total_steps:  # restored this workdir's final checkpoint: read what was logged
+            last_loss, logged_eval = _logged_losses(writer.jsonl_path, total_steps)
+            eval_loss = logged_eval if evaluate is not None else None
         mngr.wait_until_finished()
+    except KeyboardInterrupt:
+        try:  # the steps computed so far reach metrics.jsonl (a resume rewrites them)
+            flush(rates=False)
+        except Exception:  # noqa: BLE001 - interrupted anyway; never hide the interrupt
+            pass
+        raise
     finally:
         if pbar is not None:
             pbar.close()
@@ -416,3 +455,14 @@ def _train_loop(cfg, state, it, train_fn, frozen, evaluate, mngr, workdir: str, 
         if ids_log is not None:
             ids_log.close()
     return state, last_loss, eval_loss
+
+
+def _logged_losses(path: str, step: int) -> tuple[float | None, float | None]:
+    """(last train loss at or before ``step``, eval loss at ``step``) from a metrics.jsonl."""
+    loss = ev = None
+    for row in read_log(path):
+        if int(row.get("step", 0)) <= step and isinstance(row.get("loss"), float):
+            loss = row["loss"]
+        if int(row.get("step", 0)) == step and isinstance(row.get("eval_loss"), float):
+            ev = row["eval_loss"]
+    return loss, ev

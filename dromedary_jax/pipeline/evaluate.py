@@ -1,0 +1,222 @@
+"""Stage 5, evaluation: the paper's benchmarks on the base, engraved and verbose-cloned models.
+
+    run(config, workdir)  ->  <workdir>/evaluate/<model>.json   (one per model in evaluate.models)
+
+Each model is scored on TruthfulQA MC1/MC2 (lm-evaluation-harness's truthfulqa_mc1/mc2
+scoring, :mod:`dromedary_jax.eval.truthfulqa`) and BIG-bench HHH (overall and per category,
+:mod:`dromedary_jax.eval.hhh`), read from the files ``evaluate.truthfulqa`` / ``evaluate.hhh``
+name: paths, or ``"bigbench"`` for the copies ``python -m dromedary_jax.fetch bigbench`` put in
+the cache. ``evaluate.max_truthfulqa`` / ``max_hhh`` (0 = all) score the first N questions of
+each, the same N for every model, so the numbers are comparable; each result file records its
+question count and a digest of the question set. Besides the scores, each model answers the same
+``evaluate.num_samples`` red-teaming seed questions (greedy, under the stage-4 distillation
+meta-prompt), for the report's side-by-side answers.
+
+Models are evaluated one at a time and each is freed before the next loads. A model's result
+file is written (atomically) when it is done, so a killed run resumes with the next model.
+Outputs: ``<model>.json`` ({"model", "path", "truthfulqa": {"mc1", "mc2", "n", "questions"},
+"hhh": {"overall", "harmless", ..., "n", "questions"}, "samples": [{"question", "answer"}]}),
+``manifest.json`` (the score table under ``counts``).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+
+from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import read_json, write_json_atomic
+from dromedary_jax.pipeline import data as D
+from dromedary_jax.pipeline.defaults import complete
+from dromedary_jax.pipeline.finetune import meta_template
+from dromedary_jax.pipeline.records import Hosts, StageDir, stage_done, strip_non_semantic
+from dromedary_jax.pipeline.resources import Resources, load_run_model, model_kind
+
+STAGE = "evaluate"
+MODELS = ("base", "engrave", "verbose_clone")
+# the model each name stands for, as a folder under the workdir (base: model.checkpoint)
+MODEL_DIRS = {"engrave": ("engrave", "model"), "verbose_clone": ("verbose_clone", "model")}
+
+
+def benchmark_files(config) -> tuple[str, str]:
+    """(TruthfulQA file, HHH folder) from ``evaluate.truthfulqa`` / ``evaluate.hhh``; "" = skip
+    that benchmark, "bigbench" = the fetched BIG-bench copies (UserError naming the command
+    that fetches them when they are absent)."""
+    ev = config.evaluate
+    tqa, hhh = str(ev.truthfulqa or ""), str(ev.hhh or "")
+    if "bigbench" in (tqa, hhh):
+        from dromedary_jax import fetch
+
+        t, h = fetch.bigbench_paths(download=False)
+        tqa = t if tqa == "bigbench" else tqa
+        hhh = h if hhh == "bigbench" else hhh
+    for key, path in (("evaluate.truthfulqa", tqa), ("evaluate.hhh", hhh)):
+        if path and not os.path.exists(path):
+            raise UserError(f"config.{key}={path}: no such file or folder")
+    if not tqa and not hhh:
+        raise UserError("config.evaluate: set evaluate.truthfulqa and/or evaluate.hhh (paths, or "
+                        "'bigbench' for the copies `python -m dromedary_jax.fetch bigbench` fetches)")
+    return tqa, hhh
+
+
+def _first(records: list, n: int) -> list:
+    return records if n <= 0 else records[:n]
+
+
+def load_benchmarks(config) -> dict[str, list[dict]]:
+    """``{"truthfulqa": records, "hhh": records}`` (absent: that benchmark is skipped), each cut
+    to its ``max_*`` first questions."""
+    from dromedary_jax.eval.hhh import load_hhh
+    from dromedary_jax.eval.truthfulqa import load_truthfulqa
+
+    ev = config.evaluate
+    tqa, hhh = benchmark_files(config)
+    out = {}
+    if tqa:
+        out["truthfulqa"] = _first(load_truthfulqa(tqa), int(ev.max_truthfulqa))
+    if hhh:
+        out["hhh"] = _first(load_hhh(hhh), int(ev.max_hhh))
+    return out
+
+
+def question_digest(records: list[dict], key: str) -> str:
+    """A digest of a question set (which questions, in which order)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(str(r.get(key, "")).encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def model_path(config, workdir: str, name: str) -> str:
+    if name == "base":
+        return config.model.checkpoint or f"preset:{config.model.preset}"
+    return os.path.join(workdir, *MODEL_DIRS[name])
+
+
+def check_models(config) -> list[str]:
+    models = list(config.evaluate.models)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise UserError(f"config.evaluate.models={models}: use some of {list(MODELS)}")
+    return models
+
+
+def stage_dir(config, workdir: str, hosts: Hosts = Hosts(), benchmarks=None) -> StageDir:
+    """This stage's folder under ``config`` (completed); opens nothing."""
+    needed = [MODEL_DIRS[m][0] for m in check_models(config) if m in MODEL_DIRS]
+    upstream = {}
+    for stage in needed:
+        m = stage_done(workdir, stage)
+        if m is None:
+            raise UserError(f"stage {STAGE} needs the output of stage {stage}, which has not "
+                            f"finished in {workdir}: run it first (--stages {stage},{STAGE})")
+        upstream[stage] = m["config_hash"]
+    benchmarks = load_benchmarks(config) if benchmarks is None else benchmarks
+    ev = strip_non_semantic(config.evaluate.to_dict())
+    ev.pop("batch_tokens", None)
+    fp = {"stage": STAGE, "evaluate": ev, "inputs": upstream,
+          "model": config.model.checkpoint or config.model.preset,
+          "questions": {k: question_digest(v, "question" if k == "truthfulqa" else "input")
+                        for k, v in benchmarks.items()}}
+    return StageDir(workdir, STAGE, fp, hosts, overwrite=config.overwrite, force=config.force)
+
+
+def sample_prompts(config) -> tuple[list[str], list[str]]:
+    """(questions, prompts): the first ``evaluate.num_samples`` red-teaming seed questions under
+    the stage-4 distillation meta-prompt (what the fine-tuned models were trained on)."""
+    n = int(config.evaluate.num_samples)
+    if n <= 0:
+        return [], []
+    questions = [q["question"] for q in D.load_red_team_seeds(config.self_instruct.red_team_seeds)[:n]]
+    template = meta_template(config.verbose_clone.distill_template,
+                             "verbose_clone.distill_template", D.load_assistant(config.data))
+    return questions, [template.replace("{prompt}", q) for q in questions]
+
+
+def evaluate_model(model, tokenizer, benchmarks: dict, config, progress: bool = False) -> dict:
+    """Scores and sample answers of one model (the result file's content, without name/path)."""
+    from dromedary_jax.eval.hhh import aggregate as hhh_aggregate, score_hhh
+    from dromedary_jax.eval.truthfulqa import aggregate as tqa_aggregate, score_truthfulqa
+    from dromedary_jax.sampling.api import generate_text
+
+    ev = config.evaluate
+    kw = dict(progress=progress)
+    if ev.batch_tokens > 0:
+        kw["batch_tokens"] = int(ev.batch_tokens)
+    out = {}
+    if "truthfulqa" in benchmarks:
+        recs = benchmarks["truthfulqa"]
+        res = tqa_aggregate(score_truthfulqa(model, tokenizer, recs, **kw))
+        out["truthfulqa"] = {**res, "n": len(recs), "questions": question_digest(recs, "question")}
+    if "hhh" in benchmarks:
+        recs = benchmarks["hhh"]
+        res = hhh_aggregate(score_hhh(model, tokenizer, recs, **kw))
+        out["hhh"] = {**res, "n": len(recs), "questions": question_digest(recs, "input")}
+    questions, prompts = sample_prompts(config)
+    answers = generate_text(model, tokenizer, prompts, max_new_tokens=int(ev.sample_max_new_tokens),
+                            stop=("\nUser:",), progress=False) if prompts else []
+    out["samples"] = [{"question": q, "answer": a.strip()} for q, a in zip(questions, answers)]
+    return out
+
+
+def read_results(workdir: str) -> dict[str, dict]:
+    """The result files written so far, by model name (in :data:`MODELS` order)."""
+    out = {}
+    for name in MODELS:
+        p = os.path.join(workdir, STAGE, f"{name}.json")
+        if os.path.isfile(p):
+            out[name] = read_json(p)
+    return out
+
+
+def score_table(results: dict[str, dict]) -> dict[str, dict]:
+    """``{model: {"mc1", "mc2", "hhh", "harmless", ...}}`` from :func:`read_results`."""
+    table = {}
+    for name, r in results.items():
+        row = {}
+        if "truthfulqa" in r:
+            row.update(mc1=r["truthfulqa"]["mc1"], mc2=r["truthfulqa"]["mc2"])
+        if "hhh" in r:
+            row["hhh"] = r["hhh"]["overall"]
+            row.update({k: v for k, v in r["hhh"].items()
+                        if k not in ("overall", "n", "questions")})
+        table[name] = row
+    return table
+
+
+def run(config, workdir: str, resources: Resources | None = None) -> dict:
+    config = complete(config)
+    res = resources or Resources(config, workdir=workdir)
+    if model_kind(config.model) == "scripted":
+        raise UserError("stage evaluate scores language models; config.model.kind='scripted' has "
+                        "none (drop evaluate from --stages)")
+    models = check_models(config)
+    benchmarks = load_benchmarks(config)
+    stage = stage_dir(config, workdir, res.hosts, benchmarks)
+    if stage.is_done():
+        return stage.manifest()["counts"]
+    stage.open()
+    import jax
+
+    lead = jax.process_index() == 0
+    for name in models:
+        out_path = stage.file(f"{name}.json")
+        if os.path.isfile(out_path):
+            continue  # evaluated before a kill
+        if name == "base":
+            model, tokenizer = res.model_and_tokenizer
+        else:
+            _, tokenizer = res.model_and_tokenizer
+            model = load_run_model(config.model, model_path(config, workdir, name))
+        print(f"[{STAGE}] {name}: scoring "
+              + ", ".join(f"{k} ({len(v)} questions)" for k, v in benchmarks.items()), flush=True)
+        result = evaluate_model(model, tokenizer, benchmarks, config, progress=lead)
+        del model
+        gc.collect()
+        if stage.hosts.is_main:
+            write_json_atomic(out_path, {"model": name, "path": model_path(config, workdir, name),
+                                         **result})
+        stage.hosts.barrier(f"{STAGE}-{name}-written")
+    counts = score_table(read_results(workdir))
+    stage.write_manifest(counts, {name: stage.file(f"{name}.json") for name in models})
+    return counts
