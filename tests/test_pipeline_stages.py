@@ -312,9 +312,9 @@ def test_failed_first_run_does_not_lock_the_corrected_rerun(tmp_path):
     c.self_instruct.vanilla.num_instructions = 5
     c.model.kind, c.model.checkpoint = "checkpoint", str(tmp_path / "nope")
     wd = str(tmp_path / "wd")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"config\.model\.checkpoint=.*nope: does not exist"):
         run_stages(c, wd, stages=["self_instruct"], report=False)
-    assert os.path.exists(os.path.join(wd, "self_instruct", "config.json"))
+    assert not os.path.exists(os.path.join(wd, "self_instruct"))  # checked before any stage runs
     c.model.kind, c.model.checkpoint = "scripted", ""
     out = run_stages(c, wd, stages=["self_instruct"], report=False)["self_instruct"]
     assert out["prompts"] > 0
@@ -432,3 +432,33 @@ def test_original_dromedary_files_through_both_stages(tmp_path, reference_dir):
     assert "20 Hints:\n\n1. type: " in q["prompt"]  # the original scripts' layout
     assert spy.prefixes[-1] == open(ref("watson_self_align_prompt.txt")).read().strip()
     assert counts["self_align"]["generated"] == 16 and counts["self_align"]["kept"] > 0
+
+
+def test_parse_topics_capitalizes_when_asked():
+    text = "2. sports\n3. Marine law\n4. **bold**"
+    acc, rej = S1.parse_topics(text, max_topics=10, max_words=3, capitalize=True)
+    assert acc == ["Sports", "Marine law"] and [r[1] for r in rej] == ["not_capitalized"]
+
+
+def test_question_prompts_one_per_prompt_end_in_the_hint_line():
+    """With one_per_prompt each new hint is its own prompt that ends in the hint's line up to
+    "instruction:", and the continuation parses as that hint's question (real small models
+    wrote their own hint lines and every question was rejected as off_hint)."""
+    import ml_collections
+
+    from dromedary_jax.pipeline import data as D
+
+    seeds = [{"question_type": "Future", "topic": "Mars", "question": "Who will land first?"},
+             {"question_type": "Law", "topic": "Rent", "question": "Can I sue?"}]
+    pool = {"Future": ["Mars", "Moon"], "Law": ["Rent", "Tax"]}
+    template = D.Template.from_text("Hints:\n{hints}\n\nRequests:\n{examples}",
+                                    ("hints", "examples", "num"))
+    q = ml_collections.ConfigDict(dict(hints_per_prompt=2, examples_per_prompt=1, max_prompts=0,
+                                       one_per_prompt=True))
+    items = S1.question_prompts(template, pool, ["Future", "Law"], seeds, q, seed=0)
+    assert len(items) == 4 and all(len(it["expected"]) == 1 for it in items)
+    it = items[0]
+    assert it["prompt"].endswith(it["expected"][0][0] + ", instruction:")
+    qs, rej = S1.parse_questions(it["prefill"] + " When will people live on Mars?",
+                                 it["expected"])
+    assert [x["instruction"] for x in qs] == ["When will people live on Mars?"] and not rej

@@ -7,13 +7,20 @@ prompt (principles + exemplars, ending in ``User:``) as ``" <question>\\n\\n<Nam
 thoughts):"``; the principle prompt is the generator's shared prefix (prefilled once). The
 continuation is parsed into internal thoughts and an answer and cleaned:
 
-* cut at the next user turn, and at the first repeated sentence (a repetition loop);
-* a trailing sentence cut off by the token limit is trimmed;
+* the answer is cleaned by the rule stage 4 shares (``answer_filters.clean``): cut at the next
+  turn (a ``User:``, ``<Name>:`` or ``<Name> (...):`` line for the codename or the assistant's
+  name, the prompt's ``# <Name>`` header, a ``###`` separator line), and at the first repeated
+  sentence (a repetition loop); a trailing sentence cut off by the token limit is trimmed;
 * filters, in order (the first failing one is the record's ``filter``): ``no_thoughts``,
-  ``no_answer`` (thoughts only), ``empty``, ``too_short`` (< ``min_answer_chars``),
-  ``exemplar_leak`` (a leak marker of the exemplars, an exemplar question or a long exemplar
-  sentence appears in the answer but not in the question), ``apology`` (answer starts with one
-  of ``apology_prefixes``);
+  ``no_answer`` (thoughts only), ``empty``, ``too_short`` (< ``min_answer_chars``), then the
+  shared ``answer_filters.degenerate`` checks: ``thoughts_leak`` (the answer restates the
+  internal-thoughts template: "internal thoughts", principle citations, "The user asks ...", a
+  sentence of its own or an exemplar's thoughts), ``turn_marker`` (a turn header left inside
+  the answer), ``repetition`` (runaway repetition); then ``exemplar_leak`` (a leak marker of the
+  exemplars, an exemplar question or a long exemplar sentence appears in the answer but not in
+  the question, or >= ``EXEMPLAR_SHARED_5GRAMS`` word 5-grams of the exemplar answers that are
+  not in the question: a reworded copy), ``apology`` (answer starts with one of
+  ``apology_prefixes``);
 * the prompt codename is renamed to the assistant's name.
 
 Records (shard ``responses``): id, prompt_id (the question's id), prefix_id (digest of the
@@ -24,12 +31,15 @@ principle prompt), question, input, source, raw generation, thoughts, answer, ci
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections import Counter
 from typing import Sequence
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.jsonl import write_text_atomic
+from dromedary_jax.pipeline import answer_filters as AF
 from dromedary_jax.pipeline import data as D
 from dromedary_jax.pipeline.defaults import complete
 from dromedary_jax.pipeline.loop import generate_into, sampling_kwargs
@@ -41,33 +51,10 @@ from dromedary_jax.pipeline.report import funnel_steps, write_funnel
 from dromedary_jax.pipeline.resources import Resources
 
 STAGE = "self_align"
-REASONS = ("no_thoughts", "no_answer", "empty", "too_short", "exemplar_leak", "apology")
-_TERMINAL = tuple('.!?"\')]}`*')
-
-
-def cut_repeated_sentence(text: str, min_words: int = 3) -> tuple[str, bool]:
-    """Cut ``text`` before the first sentence (of >= ``min_words`` words) seen earlier in it."""
-    pieces = re.split(r"(?<=[.?!\n])", text)
-    seen, out = set(), []
-    for piece in pieces:
-        key = " ".join(piece.split())
-        if len(key.split()) >= min_words:
-            if key in seen:
-                return "".join(out).rstrip(), True
-            seen.add(key)
-        out.append(piece)
-    return text, False
-
-
-def trim_incomplete(text: str) -> tuple[str, bool]:
-    """Drop a trailing sentence fragment (text cut off by the token limit)."""
-    s = text.rstrip()
-    if not s or s.endswith(_TERMINAL):
-        return s, False
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)|\n", s)]
-    if not ends:
-        return s, False
-    return s[:ends[-1]].rstrip(), True
+REASONS = ("no_thoughts", "no_answer", "empty", "too_short", *AF.REASONS, "exemplar_leak", "apology")
+EXEMPLAR_SHARED_5GRAMS = 4  # word 5-grams shared with the exemplar answers that make a copy
+cut_repeated_sentence = AF.cut_repeated_sentence  # (kept importable from here)
+trim_incomplete = AF.trim_incomplete
 
 
 @dataclasses.dataclass
@@ -82,6 +69,17 @@ class Cleaner:
     apology_prefixes: Sequence[str] = ()
     rename: bool = True
     require_answer_header: bool = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names that open a turn besides ``User``: the codename and the assistant's name."""
+        return tuple(dict.fromkeys(n for n in (self.prompt_name, self.assistant_name) if n))
+
+    @functools.cached_property
+    def exemplar_thoughts(self) -> tuple[str, ...]:
+        """The exemplars' internal thoughts, as rendered in the prompt."""
+        pat = rf"(?m)^{re.escape(self.prompt_name)} \(internal thoughts\):[ \t]*(.*)$"
+        return tuple(re.findall(pat, self.prompt.prefix))
 
     def process(self, raw: str, question: str) -> dict:
         flags = {"cut_user_turn": False, "cut_repeat": False, "trimmed": False, "renamed": False}
@@ -104,25 +102,27 @@ class Cleaner:
             out["filter"] = "no_answer"
             return out
         answer = text if relaxed else text[split.end():]
-        nxt = re.search(rf"\n\s*{name} \(", answer)  # e.g. an '(auto reply)' turn
-        if nxt:
-            answer, flags["cut_user_turn"] = answer[:nxt.start()], True
-        answer, flags["cut_repeat"] = cut_repeated_sentence(answer.strip())
-        answer, flags["trimmed"] = trim_incomplete(answer)
-        answer = answer.strip()
+        answer, cleaned = AF.clean(answer, self.names)  # the rule stage 4 shares
+        flags["cut_user_turn"] = flags["cut_user_turn"] or cleaned["cut_user_turn"]
+        flags["cut_repeat"], flags["trimmed"] = cleaned["cut_repeat"], cleaned["trimmed"]
+        out["filter"] = self.reason(answer, question, out["thoughts"])  # before the rename
         if self.rename and self.prompt_name != self.assistant_name:
             renamed = re.sub(rf"\b{name}\b", self.assistant_name, answer)
             flags["renamed"] = renamed != answer
             answer = renamed
         out["answer"] = answer
-        out["filter"] = self.reason(answer, question)
         return out
 
-    def reason(self, answer: str, question: str) -> str | None:
+    def reason(self, answer: str, question: str, thoughts: str = "") -> str | None:
+        """The first filter ``answer`` (cleaned, not yet renamed) fails, or None."""
         if not answer:
             return "empty"
         if len(answer) < self.min_answer_chars:
             return "too_short"
+        bad = AF.degenerate(answer, self.names, question=question, thoughts=(thoughts, *self.exemplar_thoughts),
+                            principle_keys=tuple(self.prompt.numbering))
+        if bad:
+            return bad
         if self.leaks(answer, question):
             return "exemplar_leak"
         if any(answer.startswith(p) for p in self.apology_prefixes if p):
@@ -134,7 +134,21 @@ class Cleaner:
         if any(m and m in answer and m not in question for m in markers):
             return True
         pieces = list(self.prompt.exemplar_questions) + list(self.prompt.exemplar_sentences)
-        return any(p and p in answer and p not in question for p in pieces)
+        if any(p and p in answer and p not in question for p in pieces):
+            return True
+        shared = (_five_grams(answer) - _five_grams(question)) & self.exemplar_five_grams
+        return len(shared) >= EXEMPLAR_SHARED_5GRAMS
+
+    @functools.cached_property
+    def exemplar_five_grams(self) -> frozenset:
+        """Word 5-grams of the exemplar answers, as rendered in the prompt."""
+        pat = rf"(?ms)^{re.escape(self.prompt_name)}: (.*?)(?=^User:|\Z)"
+        return frozenset().union(*(_five_grams(a) for a in re.findall(pat, self.prompt.prefix)))
+
+
+def _five_grams(text: str) -> frozenset:
+    words = AF.words(text)
+    return frozenset(zip(words, words[1:], words[2:], words[3:], words[4:]))
 
 
 def make_cleaner(config, rendered: RenderedPrompt, assistant: D.Assistant) -> Cleaner:
@@ -208,8 +222,7 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
         return stage.manifest()["counts"]
     stage.open()
     if stage.hosts.is_main:
-        with open(stage.file(f"prefix-{prefix_id}.txt"), "w", encoding="utf-8") as f:
-            f.write(rendered.prefix)
+        write_text_atomic(stage.file(f"prefix-{prefix_id}.txt"), rendered.prefix)
     cleaner = make_cleaner(config, rendered, assistant)
     by_id = {q["id"]: q for q in questions}
 

@@ -16,7 +16,9 @@
    optionally, machine tasks kept in earlier rounds), ``###``-separated numbered task lists
    parsed, then filters: word count, keyword blacklist, leading punctuation / non-ASCII, and
    ROUGE-L F > threshold against the seeds and EVERY instruction kept so far (all hosts, all
-   rounds), until ``num_instructions`` are kept.
+   rounds), until exactly ``num_instructions`` are kept (in id order; candidates of the last
+   round that passed the other filters after that are ``target_reached``). Empty pieces
+   between ``###`` separators are no candidates.
 
 Records (append-only shards): ``topics``, ``questions``, ``vanilla`` (prompt, raw generation,
 parsed fields). Derived files (rewritten by process 0 at the end): ``topics.jsonl``,
@@ -46,7 +48,7 @@ STAGE = "self_instruct"
 TOPIC_REASONS = ("empty", "too_long", "not_capitalized", "trailing_punctuation")
 QUESTION_REASONS = ("truncated", "off_hint", "no_instruction")
 MERGE_REASONS = ("duplicate_hint", "duplicate_text")
-VANILLA_REASONS = ("malformed",) + InstructionFilter.REASONS + ("rouge_similar",)
+VANILLA_REASONS = ("malformed",) + InstructionFilter.REASONS + ("rouge_similar", "target_reached")
 
 
 def _rng(seed: int, rid: str) -> random.Random:
@@ -55,12 +57,18 @@ def _rng(seed: int, rid: str) -> random.Random:
 
 # ------------------------------------------------------------------------------------ topics
 
-def parse_topics(text: str, max_topics: int = 10, max_words: int = 3) -> tuple[list[str], list[list[str]]]:
+def parse_topics(text: str, max_topics: int = 10, max_words: int = 3, capitalize: bool = False
+                 ) -> tuple[list[str], list[list[str]]]:
     """(accepted topics, [[line, reason], ...]) from a brainstorm continuation: the first
-    ``max_topics`` lines, numbering stripped."""
+    ``max_topics`` non-blank lines (blank lines are no topics and do not use up the budget; a
+    numbered line without a topic is ``empty``), numbering stripped. ``capitalize``: a topic
+    starting with a lower-case letter gets a capital (small models write "sports" as often as
+    "Sports") instead of being rejected as ``not_capitalized``."""
     accepted, rejected = [], []
-    for line in text.split("\n")[:max_topics]:
+    for line in [x for x in text.split("\n") if x.strip()][:max_topics]:
         topic = re.sub(r"^\s*\d+\s*[.)]\s*", "", line).strip()
+        if capitalize and topic[:1] in string.ascii_lowercase:
+            topic = topic[0].upper() + topic[1:]
         if not topic:
             reason = "empty"
         elif len(topic.split()) > max_words:
@@ -72,8 +80,7 @@ def parse_topics(text: str, max_topics: int = 10, max_words: int = 3) -> tuple[l
         else:
             accepted.append(topic)
             continue
-        if line.strip():
-            rejected.append([line, reason])
+        rejected.append([line, reason])
     return accepted, rejected
 
 
@@ -122,8 +129,8 @@ def run_topics(stage, gen, cfg, seeds, seed) -> tuple[dict[str, list[str]], list
         pool, _ = normalize_topics(by_type)
         items = topic_prompts(template, pool, types, rnd, tcfg, seed)
 
-        def make(it, text, _max=tcfg.topics_per_call, _w=tcfg.max_words):
-            acc, rej = parse_topics(text, _max, _w)
+        def make(it, text, _max=tcfg.topics_per_call, _w=tcfg.max_words, _c=tcfg.capitalize):
+            acc, rej = parse_topics(text, _max, _w, _c)
             return {"id": it["id"], "round": it["round"], "question_type": it["question_type"],
                     "prompt": it["prompt"], "generation": text, "topics": acc, "rejected": rej}
 
@@ -133,7 +140,8 @@ def run_topics(stage, gen, cfg, seeds, seed) -> tuple[dict[str, list[str]], list
         recs = [r for r in stage.records("topics") if r["id"] in wanted]
         nxt = {qt: list(v) for qt, v in pool.items()}
         for r in recs:
-            acc, rej = parse_topics(r["generation"], tcfg.topics_per_call, tcfg.max_words)
+            acc, rej = parse_topics(r["generation"], tcfg.topics_per_call, tcfg.max_words,
+                                    tcfg.capitalize)
             lines_total += len(acc) + len(rej)
             reasons += [x[1] for x in rej] + [None] * len(acc)
             nxt[r["question_type"]].extend(acc)
@@ -175,7 +183,15 @@ def question_prompts(template: D.Template, pool: dict[str, list[str]], types: li
         prompt = template.render(hints=sep + "\n".join(hint_lines), examples=sep + "\n".join(ex_lines),
                                  num=len(hint_lines)).rstrip() + "\n"
         expected = [[_hint(i + 1, qt, t), qt, t] for i, (qt, t) in enumerate(hints) if i >= len(examples)]
-        items.append({"id": rid, "prompt": prompt, "expected": expected})
+        if not qcfg.one_per_prompt:
+            items.append({"id": rid, "prompt": prompt, "expected": expected})
+            continue
+        # one item per new hint: the prompt ends with that hint's own line up to "instruction:",
+        # so the model writes only the request (small models do not copy hint lines reliably)
+        for k, exp in enumerate(expected):
+            prefill = exp[0] + ", instruction:"
+            items.append({"id": f"{rid}-{k:02d}", "prompt": prompt + prefill, "expected": [exp],
+                          "prefill": prefill})
     return items
 
 
@@ -217,17 +233,23 @@ def run_questions(stage, gen, cfg, seeds, pool, seed) -> tuple[list[dict], list]
     items = question_prompts(template, pool, D.question_types(seeds), seeds, qcfg, seed)
 
     def make(it, text):
-        qs, rej = parse_questions(text, it["expected"])
-        return {"id": it["id"], "prompt": it["prompt"], "expected": it["expected"], "generation": text,
-                "questions": qs, "rejected": rej}
+        qs, rej = parse_questions(it.get("prefill", "") + text, it["expected"])
+        rec = {"id": it["id"], "prompt": it["prompt"], "expected": it["expected"], "generation": text,
+               "questions": qs, "rejected": rej}
+        if "prefill" in it:
+            rec["prefill"] = it["prefill"]
+        return rec
 
+    kw = sampling_kwargs(qcfg)
+    if qcfg.one_per_prompt:
+        kw["stop"] = ("\n",)  # one request: the hint's own line
     generate_into(stage, "questions", items, gen, batch_size=cfg.batch_size, seed=seed,
-                  gen_kwargs=sampling_kwargs(qcfg), make_record=make, label="questions")
+                  gen_kwargs=kw, make_record=make, label="questions")
     cands, reasons, lines = [], [], 0
     seen_hint, seen_text = set(), set()
     wanted = {it["id"] for it in items}
     for r in (r for r in stage.records("questions") if r["id"] in wanted):
-        qs, rej = parse_questions(r["generation"], r["expected"])
+        qs, rej = parse_questions(r.get("prefill", "") + r["generation"], r["expected"])
         lines += len(qs) + len(rej)
         reasons += [x[1] for x in rej]
         for q in qs:
@@ -259,15 +281,23 @@ def encode_vanilla_prompt(preamble: str, examples: list[dict]) -> str:
     return prompt + f"###\n{len(examples) + 1}. Instruction:"
 
 
+_EMPTY_VANILLA_PIECE = re.compile(r"(?:\s|\d+\.\s*(?:Instruction|Input):|<noinput>)*", re.IGNORECASE)
+
+
 def parse_vanilla(text: str, num_examples: int) -> list[dict]:
     """Numbered ``Instruction:`` / ``Input:`` pairs from a continuation; the piece after the last
     ``###`` is dropped (likely cut off by the token limit). Malformed pieces are returned with
-    ``malformed=True``."""
+    ``malformed=True``. Empty pieces (nothing but whitespace, ``N. Instruction:`` / ``N. Input:``
+    headers or ``<noinput>``, e.g. from a run of ``###`` lines) are no candidates and are skipped;
+    the pieces that remain are expected to be numbered on from ``num_examples + 1``. ``k`` is a
+    candidate's piece index in the continuation (stable, used in candidate ids)."""
     raw = f"{num_examples + 1}. Instruction:" + text
     pieces = re.split("###", raw)[:-1]
     out = []
     for k, piece in enumerate(pieces):
-        idx = num_examples + 1 + k
+        if _EMPTY_VANILLA_PIECE.fullmatch(piece):
+            continue
+        idx = num_examples + 1 + len(out)
         parts = re.split(rf"{idx}\.\s+(Instruction|Input):", piece)
         if len(parts) != 5:
             out.append({"k": k, "instruction": piece.strip(), "input": "", "malformed": True})
@@ -314,10 +344,13 @@ def run_vanilla(stage, gen, cfg, seed) -> tuple[list[dict], list]:
                       make_record=make, label=f"vanilla round {rnd}")
         wanted = {it["id"] for it in items}
         kept_before = len(machine)
+        # records come sorted by id, candidates in text order: the same ones are kept on every host
         for r in (r for r in stage.records("vanilla") if r["id"] in wanted):
             for c in parse_vanilla(r["generation"], r["num_examples"]):
                 reason = "malformed" if c["malformed"] else filt.reason(c["instruction"], c["input"])
-                if reason is None and not dedup.keep([c["instruction"]])[0]:
+                if reason is None and len(machine) >= vcfg.num_instructions:
+                    reason = "target_reached"  # not needed: exactly num_instructions are kept
+                elif reason is None and not dedup.keep([c["instruction"]])[0]:
                     reason = "rouge_similar"
                 cid = f"{r['id']}-{c['k']:02d}"
                 row = {"id": cid, "source": "vanilla", "instruction": c["instruction"], "input": c["input"],

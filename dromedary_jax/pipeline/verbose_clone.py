@@ -14,10 +14,12 @@ import re
 import shutil
 from collections import Counter
 
+from dromedary_jax.pipeline import answer_filters as AF
 from dromedary_jax.pipeline import data as D
 from dromedary_jax.pipeline.defaults import complete
 from dromedary_jax.pipeline.engrave import fingerprint_of, kept_answers, require
 from dromedary_jax.pipeline.finetune import (finetune_and_save, meta_template, question_text,
+                                             save_model_tokenizer,
                                              train_config, write_sft_files)
 from dromedary_jax.pipeline.loop import generate_into, sampling_kwargs
 from dromedary_jax.pipeline.records import Hosts, StageDir, text_digest, write_jsonl_atomic
@@ -25,20 +27,28 @@ from dromedary_jax.pipeline.report import funnel_steps, write_funnel
 from dromedary_jax.pipeline.resources import Resources, load_run_model, model_generator, model_kind
 
 STAGE = "verbose_clone"
-REASONS = ("empty", "too_short", "persona_leak", "duplicate")
+REASONS = ("empty", "too_short", *AF.REASONS, "persona_leak", "duplicate")
 
 
-def clean_answer(raw: str, assistant: D.Assistant, leak_markers, min_chars: int):
-    """(answer, filter reason or None): cut at the next user turn or assistant header, strip,
-    then drop empty / too short / persona-leaking answers."""
-    cut = re.split(rf"\n\s*(?:User:|{re.escape(assistant.name)}(?: \(detailed\))?:)", raw, maxsplit=1)[0]
-    answer = cut.strip()
+def clean_answer(raw: str, assistant: D.Assistant, leak_markers, min_chars: int, question: str = ""):
+    """(answer, filter reason or None) for one raw generation, by the rule stage 2 shares
+    (``answer_filters``): cut at the next turn (``User:``, ``<Name>:``, ``<Name> (...):`` for the
+    assistant's name or the prompt codename, a ``# <Name>`` header, a ``###`` separator line) and
+    at the first repeated sentence, trim a sentence cut off by the token limit; then the first of
+    ``REASONS`` that applies: empty, too_short (< ``min_chars``), thoughts_leak, turn_marker,
+    repetition (see ``answer_filters``), persona_leak (one of ``leak_markers``, any case).
+    ``question``: the user's question (phrases in it do not count as leaks)."""
+    names = tuple(dict.fromkeys(n for n in (assistant.name, assistant.prompt_name) if n))
+    answer, _ = AF.clean(raw, names)
     if not answer:
         return answer, "empty"
     if len(answer) < min_chars:
         return answer, "too_short"
+    bad = AF.degenerate(answer, names, question=question)
+    if bad:
+        return answer, bad
     low = answer.lower()
-    if any(m.lower() in low for m in leak_markers):
+    if any(m.lower() in low and m.lower() not in question.lower() for m in leak_markers):
         return answer, "persona_leak"
     return answer, None
 
@@ -47,13 +57,25 @@ def _normal(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+def question_of(prompt: str, assistant: D.Assistant) -> str:
+    """The user's question inside a detailed-mode prompt (the text of its last ``User:`` turn,
+    up to the closing ``<Name> (...):`` line); "" when the prompt has no ``User:`` turn."""
+    i = prompt.rfind("User:")
+    if i < 0:
+        return ""
+    body = prompt[i + len("User:"):]
+    end = re.search(rf"\n\s*{re.escape(assistant.name)}(?: \([^()\n]*\))?:\s*$", body)
+    return (body[:end.start()] if end else body).strip()
+
+
 def filter_records(recs, assistant, v) -> list[dict]:
     """Each record with its cleaned answer and filter reason; duplicates (same words as an
     earlier answer, in id order) are dropped."""
     seen: set[str] = set()
     out = []
     for r in sorted(recs, key=lambda r: r["id"]):
-        answer, reason = clean_answer(r["raw"], assistant, v.leak_markers, v.min_answer_chars)
+        answer, reason = clean_answer(r["raw"], assistant, v.leak_markers, v.min_answer_chars,
+                                      question_of(r.get("prompt", ""), assistant))
         if reason is None:
             key = _normal(answer)
             reason = "duplicate" if key in seen else None
@@ -70,9 +92,10 @@ def engraved_generator(config, workdir: str, res: Resources):
     return model_generator(model, tokenizer, config.model)
 
 
-def export_hf(model, out_dir: str, hosts) -> None:
-    """Write the HF folder atomically (a temp folder renamed into place). Every process calls
-    this (save_hf gathers each tensor across hosts); process 0 writes."""
+def export_hf(model, out_dir: str, hosts, tokenizer=None, meta_prompt: str = "") -> None:
+    """Write the HF folder atomically (a temp folder renamed into place), with ``tokenizer``
+    and the chat template of ``meta_prompt`` (see ``finetune.chat_template``). Every process
+    calls this (save_hf gathers each tensor across hosts); process 0 writes."""
     import dromedary_jax as dj
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
@@ -83,6 +106,8 @@ def export_hf(model, out_dir: str, hosts) -> None:
     hosts.barrier(f"{out_dir}-export-start")
     dj.save_hf(model, tmp)
     if hosts.is_main:
+        if tokenizer is not None:
+            save_model_tokenizer(tokenizer, tmp, meta_prompt)
         os.replace(tmp, out_dir)
     hosts.barrier(f"{out_dir}-export-done")
 
@@ -154,7 +179,8 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
     outputs = {"model": metrics["model"], "metrics": metrics["metrics"], "kept": stage.file("kept.jsonl"), **files}
     if v.export_hf:
         # on the run's mesh and dtype (a 65B model does not fit one chip); save_hf gathers per tensor
-        export_hf(load_run_model(config.model, metrics["model"]), stage.file("hf"), stage.hosts)
+        export_hf(load_run_model(config.model, metrics["model"]), stage.file("hf"), stage.hosts,
+                  tokenizer, distill)
         outputs["hf"] = stage.file("hf")
     counts = {"generated": len(recs), "kept": len(kept),
               "filtered": dict(Counter(r["filter"] for r in recs if r["filter"])),
