@@ -97,14 +97,16 @@ def batch_loss(params, batches):
 # ----------------------------------------------------------------------------- data
 def test_examples_mask_truncation_and_errors(tmp_path, sp_tokenizer):
     tok = sp_tokenizer
-    ex = ex_lib.tokenize_example(tok, "Q: hi", "the answer", 64, id="a")
+    ex = ex_lib.tokenize_example(tok, "Q: hi", " the answer", 64, id="a")
     p = tok.encode("Q: hi", bos=True)
-    r = tok.encode("the answer", bos=False, eos=True)
-    assert ex.tokens.tolist() == p + r
+    whole = tok.encode("Q: hi the answer", bos=True) + [tok.eos_id]
+    r = whole[len(p):]
+    assert whole[:len(p)] == p
+    assert ex.tokens.tolist() == whole
     assert ex.loss_mask.tolist() == [0] * len(p) + [1] * len(r)
-    short = ex_lib.tokenize_example(tok, "Q: hi", "the answer", len(p) + 1)
+    short = ex_lib.tokenize_example(tok, "Q: hi", " the answer", len(p) + 1)
     assert short.truncated and short.tokens.tolist() == p + r[:1]
-    assert ex_lib.tokenize_example(tok, "Q: hi", "the answer", len(p)) is None  # no target left
+    assert ex_lib.tokenize_example(tok, "Q: hi", " the answer", len(p)) is None  # no target left
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
@@ -116,6 +118,21 @@ def test_examples_mask_truncation_and_errors(tmp_path, sp_tokenizer):
         list(ex_lib.read_records([str(missing)]))
     with pytest.raises(UserError, match="must contain the placeholder"):
         ex_lib.load_template("no placeholder")
+
+
+def test_examples_are_the_joined_text_whatever_the_tokenizer(llama_sp_tokenizer, sp_tokenizer):
+    """The ids of an SFT example are encode(prompt + response): a LLaMA-style SentencePiece
+    tokenizer puts a lone "▁" before " answer" encoded on its own, which the model never sees
+    at inference; a seam token that merges across goes to the response."""
+    for tok in (llama_sp_tokenizer, sp_tokenizer):
+        for prompt, response in (("User: why?\n\nAssistant:", " Because it is."),
+                                 ("Q: hi", " the answer"), ("Say: ab", "cd efg")):
+            ex = ex_lib.tokenize_example(tok, prompt, response, 256)
+            assert ex.tokens.tolist() == tok.encode(prompt + response) + [tok.eos_id]
+            n_prompt = int((ex.loss_mask == 0).sum())
+            assert ex.tokens.tolist()[:n_prompt] == tok.encode(prompt)[:n_prompt]
+    lone = llama_sp_tokenizer.encode(" Because", bos=False)
+    assert llama_sp_tokenizer.id_to_piece(lone[0]) == "\u2581"  # what separate encoding added
 
 
 def test_packing_segments_positions_and_row_count():
@@ -154,12 +171,12 @@ def test_loader_is_deterministic_sharded_and_resumable(tmp_path, sp_tokenizer):
     again = ds_lib.prepare(cfg.data, sp_tokenizer, [path], [], str(tmp_path / "prep"))
     assert again.path == data.path and data.counts == {"train": 21}
 
-    def make(p=0, count=1, n=None):
+    def make(p=0, count=1, n=None, rows=2):
         n = n or ds_lib.num_batches(data.lengths("train"), seq_len=96, pack=True,
-                                    rows_per_batch=2, shuffle=True, seed=3, num_epochs=2,
+                                    rows_per_batch=rows, shuffle=True, seed=3, num_epochs=2,
                                     process_count=count)
         return ds_lib.BatchIterator(data.source("train"), seq_len=96, pack=True,
-                                    rows_per_batch=2, num_batches=n, shuffle=True, seed=3,
+                                    rows_per_batch=rows, num_batches=n, shuffle=True, seed=3,
                                     num_epochs=2, process_index=p, process_count=count)
 
     full = [b["example_ids"] for b in make()]
@@ -173,11 +190,15 @@ def test_loader_is_deterministic_sharded_and_resumable(tmp_path, sp_tokenizer):
     rest = make()
     rest.set_state(state)
     assert [b["example_ids"] for b in rest] == full[3:]
-    # two hosts: disjoint examples, together all of them, same number of batches
-    h0 = [i for b in make(0, 2) for row in b["example_ids"] for i in row]
-    h1 = [i for b in make(1, 2) for row in b["example_ids"] for i in row]
-    assert not set(h0) & set(h1) and sorted(set(h0) | set(h1)) == list(range(21))
-    assert len(list(make(0, 2))) == len(list(make(1, 2)))
+    # two hosts with 2 rows each: every step, host 0's rows then host 1's are the rows of the
+    # same step of one host with 4 rows (the global batch), so the data order does not depend
+    # on the process count
+    one = [b["example_ids"] for b in make(rows=4)]
+    h0, h1 = ([b["example_ids"] for b in make(p, 2)] for p in (0, 1))
+    assert len(h0) == len(h1) == len(one)
+    assert [a + b for a, b in zip(h0, h1)] == one
+    for a, b in zip(h0, h1):  # within a step the hosts' examples are disjoint
+        assert not {i for r in a for i in r} & {i for r in b for i in r}
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -193,8 +214,8 @@ def test_loss_is_mean_nll_of_response_tokens(tmp_path, sp_tokenizer):
     template = default_config().data.template
     pieces = []
     for rec in ex_lib.read_records([path]):
-        p = tok.encode(ex_lib.render_prompt(template, rec.prompt), bos=True)
-        pieces.append((p, tok.encode(rec.response, bos=False, eos=True)))
+        p, r = ex_lib.split_at_seam(tok, ex_lib.render_prompt(template, rec.prompt), rec.response)
+        pieces.append((p, r + [tok.eos_id]))
     width = max(len(p) + len(r) for p, r in pieces)
     ids = np.zeros((len(pieces), width), np.int32)
     for i, (p, r) in enumerate(pieces):

@@ -8,12 +8,16 @@ is ``"<file>:<line>"``).
 Rendering: the prompt goes through a meta-prompt template (every ``{prompt}`` is replaced by the
 record's prompt; nothing else in the template is interpreted). Tokens are
 
-    [bos] + encode(rendered prompt) + encode(response) + [eos]
+    encode(rendered prompt + response) + [eos]
 
-with prompt and response encoded separately, so the boundary between them is exact
-(SentencePiece puts its word-start marker on the response; with a BPE ``tokenizer.json``,
-end the template with the space or newline that should precede the response). The loss
-mask is 1 on response tokens (and the EOS) and 0 on bos/prompt tokens. Examples longer than
+the joined text encoded ONCE (with BOS when the tokenizer's own rule adds it, see
+``Tokenizer.add_bos``), so the model reads exactly the tokens the same text gets at inference:
+encoding the two parts apart and concatenating the ids is not the same (a SentencePiece
+tokenizer puts a lone "▁" token before a response that starts with a space). The prompt/response
+boundary of the loss mask is where the joined ids stop matching ``encode(rendered prompt)``
+(:func:`split_at_seam`): normally exactly after the prompt's ids; when a token merges across the
+seam, that token is a target. The loss mask is 1 on response tokens (and the EOS) and 0 on
+bos/prompt tokens. Examples longer than
 ``max_len`` keep their prompt and lose the end of the response (no EOS then); an example left
 with no response token is dropped and counted.
 """
@@ -110,11 +114,40 @@ def render_prompt(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def split_at_seam(tokenizer, first: str, second: str, *, bos: bool | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """``(ids of first, ids of second)`` such that their concatenation is
+    ``tokenizer.encode(first + second, bos=bos)`` exactly.
+
+    The split point is the longest common prefix of ``encode(first)`` and
+    ``encode(first + second)``: right after ``first``'s own ids unless a token merges across
+    the seam (then that token goes to the second part). ``bos``: None = the tokenizer's rule.
+    """
+    whole = list(tokenizer.encode(first + second, bos=bos))
+    n = common_prefix_length(tokenizer.encode(first, bos=bos), whole)
+    return whole[:n], whole[n:]
+
+
 def tokenize_example(tokenizer, prompt_text: str, response: str, max_len: int, *,
-                     add_bos: bool = True, add_eos: bool = True, id: str = "") -> Example | None:
-    """Token ids and loss mask for one rendered prompt + response; None if no target is left."""
-    p = tokenizer.encode(prompt_text, bos=add_bos, eos=False)
-    r = tokenizer.encode(response, bos=False, eos=add_eos)
+                     add_bos: bool | None = None, add_eos: bool = True, id: str = ""
+                     ) -> Example | None:
+    """Token ids and loss mask for one rendered prompt + response; None if no target is left.
+
+    ``add_bos``: None = the tokenizer's own rule (``tokenizer.add_bos``), True/False force it.
+    The ids are ``encode(prompt_text + response)`` (see :func:`split_at_seam`) plus EOS when
+    ``add_eos``."""
+    p, r = split_at_seam(tokenizer, prompt_text, response, bos=add_bos)
+    if add_eos:
+        r = r + [tokenizer.eos_id]
     truncated = len(p) + len(r) > max_len
     if truncated:
         r = r[: max(0, max_len - len(p))]
