@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="mesh shape, e.g. 'fsdp=-1' or '1,-1,2'")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="Meta folders whose params.json has vocab_size=-1 and no tokenizer.model")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length to record (default: the source's; Meta folders: "
+                        "inferred from the family, LLaMA-1 2048 ... 3.1 131072)")
     p.add_argument("--max-shard-size", default="5GB", help="--to hf: split files above this")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a --dst that is not empty (replacing the model files there)")
@@ -116,7 +119,8 @@ def _convert(args, mesh, max_shard) -> int:
         from dromedary_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.src)  # before the slow part: a bad vocabulary fails early
-    model = load_model(args.src, mesh=mesh, param_dtype=param_dtype, vocab_size=args.vocab_size)
+    model = load_model(args.src, mesh=mesh, param_dtype=param_dtype, vocab_size=args.vocab_size,
+                       max_seq_len=args.max_seq_len)
     if args.to == "hf":
         files = save_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=max_shard,
                         overwrite=True)  # main() refused a non-empty --dst without --overwrite

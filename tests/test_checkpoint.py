@@ -213,6 +213,10 @@ def test_meta_shards_and_context_length_per_family(family, ids, sp_model_path, t
     model = load_model(folder)
     assert model.config.max_seq_len == context
     np.testing.assert_allclose(dj.logits(model, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    if family == "llama2":  # the context length can be given instead
+        assert load_model(folder, max_seq_len=1024).config.max_seq_len == 1024
+        with pytest.raises(UserError, match="max_seq_len"):
+            load_model(folder, max_seq_len=0)
 
 
 def test_meta_embedding_shards_that_fit_no_family_are_refused():

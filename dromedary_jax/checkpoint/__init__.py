@@ -69,7 +69,8 @@ def detect_format(path: str) -> str:
 
 
 def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
-               param_dtype: str = "float32", vocab_size: int | None = None):
+               param_dtype: str = "float32", vocab_size: int | None = None,
+               max_seq_len: int | None = None):
     """Load a Hugging Face, Meta or dromedary_jax checkpoint folder, or a LLaMA ``.gguf`` file
     (dequantized to ``param_dtype``), as a :class:`Llama`.
 
@@ -78,7 +79,9 @@ def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
     ``jax.sharding.Mesh``, or a mesh shape (dict or 3-tuple, one -1 allowed) for
     ``sharding.make_mesh``; parameters are read straight into their shardings on it.
     ``vocab_size``: only for Meta folders whose params.json says -1 and that have no
-    tokenizer.model.
+    tokenizer.model. ``max_seq_len``: the context length (tokens) instead of the one the
+    checkpoint states or, for a Meta folder (params.json has none), the one inferred from its
+    family (``checkpoint.meta.context_length``: LLaMA-1 2048, 2 4096, 3 8192, 3.1 131072).
     """
     from dromedary_jax.model.llama import Llama
 
@@ -89,6 +92,10 @@ def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
     kind = detect_format(path)
     mesh = resolve_mesh(mesh)
     overrides = dict(dtype=dtype, param_dtype=param_dtype)
+    if max_seq_len is not None:
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise UserError(f"max_seq_len={max_seq_len!r}: expected a positive number of tokens")
+        overrides["max_seq_len"] = max_seq_len
 
     def check_mesh(config):
         if mesh is not None:
