@@ -141,6 +141,108 @@ def test_scorer_same_on_1_and_8_devices(hf_model, model):
         assert [o[1] for o in eight] == [o[1] for o in one]
 
 
+def test_tree_mask_by_hand():
+    """One packed row: [prefix key] + group 1 (context 2 tokens, continuations a (2 slots) and
+    b (1 slot)) + group 2 (context 1 token) + padding."""
+    from dromedary_jax.eval.scorer import PREFIX_SEG, SEG_STRIDE, tree_mask
+
+    S = SEG_STRIDE
+    seg = np.array([[S, S, S + 1, S + 1, S + 2, 2 * S, 0]], np.int32)
+    pos = np.array([[5, 6, 7, 8, 7, 5, 0]], np.int32)
+    m = np.asarray(tree_mask(pos, seg, pos, seg))[0].astype(int)
+    assert m.tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],  # context token 1
+        [1, 1, 0, 0, 0, 0, 0],  # context token 2
+        [1, 1, 1, 0, 0, 0, 0],  # continuation a, 1st: context + itself
+        [1, 1, 1, 1, 0, 0, 0],  # continuation a, 2nd
+        [1, 1, 0, 0, 1, 0, 0],  # continuation b: context + itself, not a
+        [0, 0, 0, 0, 0, 1, 0],  # group 2 sees nothing of group 1
+        [0, 0, 0, 0, 0, 0, 0]]  # padding attends nothing
+    # A shared-prefix key (PREFIX_SEG) is seen by every non-padding query after it.
+    pm = np.asarray(tree_mask(pos, seg, np.array([[4, 9]]), np.array([[PREFIX_SEG, 0]])))[0]
+    assert pm[:, 0].tolist() == [True] * 6 + [False] and not pm[:, 1].any()
+
+
+@pytest.mark.parametrize("row_length,batch_tokens", [(16, 32), (64, 64), (512, 4096)])
+def test_scorer_packing_matches_reference(model, row_length, batch_tokens):
+    """Short rows split groups into several chunks (each repeating its context), over-long
+    chunks get rows of their own, several groups share a row; every layout gives the
+    unbatched reference's numbers. Also: 1-token continuations (no slot of their own) and an
+    empty continuation (0.0, greedy)."""
+    from dromedary_jax.eval import loglikelihoods
+    from dromedary_jax.eval import scorer
+
+    rng = np.random.RandomState(3)
+    reqs = []
+    for n_ctx in (3, 20, 40):
+        ctx = [1] + list(rng.randint(3, 256, size=n_ctx))
+        for n_cont in (1, 5, 9, 30):
+            reqs.append((ctx, list(rng.randint(3, 256, size=n_cont))))
+    reqs.append(([1, 7, 9], []))
+    ref = [_ref_ll(model, c, x) if x else (0.0, True) for c, x in reqs]
+    seen = []
+    real_step = scorer._hidden_step
+
+    def spy(params, prefix, tokens, *a, **kw):
+        seen.append(tokens.shape)
+        return real_step(params, prefix, tokens, *a, **kw)
+
+    scorer._hidden_step = spy
+    try:
+        out = loglikelihoods(model, reqs, row_length=row_length, batch_tokens=batch_tokens,
+                             unembed_chunk=16)
+    finally:
+        scorer._hidden_step = real_step
+    np.testing.assert_allclose([o[0] for o in out], [r[0] for r in ref], rtol=0, atol=2e-4)
+    assert [o[1] for o in out] == [r[1] for r in ref]
+    assert all(T == row_length or T > row_length for _, T in seen)
+    if row_length == 16:  # 40-token contexts + 30-token continuations do not fit 16
+        assert any(T > row_length for _, T in seen)
+
+
+def test_scorer_argument_checks(model):
+    from dromedary_jax.errors import UserError
+    from dromedary_jax.eval import loglikelihoods
+
+    for kw, match in ((dict(batch_tokens=0), "batch_tokens"), (dict(row_length=1), "row_length"),
+                      (dict(batch_size=0), "batch_size"), (dict(unembed_chunk=0), "unembed")):
+        with pytest.raises(UserError, match=match):
+            loglikelihoods(model, [([1, 2], [3])], **kw)
+    with pytest.raises(UserError, match="request 0: empty context"):
+        loglikelihoods(model, [([], [3])])
+
+
+class _BpeLike:
+    """A character tokenizer that, like SmolLM2's, adds no BOS unless told to."""
+
+    def __init__(self, add_bos, bos_id=1, eos_id=2):
+        self.add_bos, self.bos_id, self.eos_id = add_bos, bos_id, eos_id
+
+    def encode(self, text, bos=None, eos=False):
+        ids = [10 + ord(c) % 200 for c in text]
+        if self.add_bos if bos is None else bos:
+            ids = [self.bos_id] + ids
+        return ids
+
+
+def test_encode_pair_follows_the_tokenizers_bos_rule():
+    from dromedary_jax.eval.scorer import encode_pair, resolve_add_bos
+
+    no_bos, with_bos = _BpeLike(False), _BpeLike(True)
+    ctx, cont = encode_pair(no_bos, "Q: a\nA:", " b")
+    assert ctx == no_bos.encode("Q: a\nA:", bos=False) and cont == no_bos.encode(" b", bos=False)
+    assert encode_pair(with_bos, "Q: a\nA:", " b")[0][0] == 1
+    assert encode_pair(no_bos, "Q: a\nA:", " b", add_bos=True)[0][0] == 1  # --bos
+    assert encode_pair(with_bos, "Q: a\nA:", " b", add_bos=False)[0][0] != 1  # --no-bos
+    assert resolve_add_bos(no_bos, None) is False and resolve_add_bos(object(), None) is True
+    # An empty context is the prefix token: BOS, or EOS for a tokenizer without BOS; a
+    # continuation that starts with it gives its first token to the context (the harness).
+    assert encode_pair(no_bos, "", "xy") == ([1], no_bos.encode("xy", bos=False))
+    assert encode_pair(_BpeLike(False, bos_id=None), "", "xy")[0] == [2]
+    first = 10 + ord("x") % 200
+    assert encode_pair(_BpeLike(False, bos_id=first), "", "xy") == ([first], [first + 1])
+
+
 # ----------------------------------------------------------------------------- TruthfulQA
 def test_mc_metrics_by_hand():
     from dromedary_jax.eval import mc1_score, mc2_score
@@ -197,6 +299,66 @@ def test_truthfulqa_against_unbatched_reference(model, sp_tokenizer):
     assert summary["mc2"] == pytest.approx(np.mean(mc2s), abs=1e-6)
 
 
+def test_truthfulqa_reads_bigbench_questions_json():
+    from dromedary_jax.eval import load_truthfulqa
+
+    path = os.path.join(DATA, "bigbench_truthful_qa", "questions.json")
+    doc = json.load(open(path))
+    recs = load_truthfulqa(path)
+    assert [r["question"] for r in recs] == [e["Question"] for e in doc["examples"]]
+    ex, rec = doc["examples"][0], recs[0]
+    # MC1: the best answer, then the first 4 false answers (TruthfulQA's mc_task.json).
+    assert rec["mc1_targets"] == {"choices": [ex["Best answer"]] + ex["False answers"][:4],
+                                  "labels": [1, 0, 0, 0, 0]}
+    # MC2: every true answer (best included, nothing appended), then every false answer.
+    assert rec["mc2_targets"]["choices"] == ex["True answers"] + ex["False answers"]
+    assert rec["mc2_targets"]["labels"] == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert recs[1]["mc1_targets"]["choices"] == ["No, foxes cannot read.", "Yes, every fox reads.",
+                                                 "Only on Sundays."]
+    all_false = load_truthfulqa(path, mc1_max_false=None)[0]["mc1_targets"]["choices"]
+    assert all_false == [ex["Best answer"]] + ex["False answers"]
+    # The file's prefix is the preamble: prefix + "Q: " + question + "\nA:".
+    assert tqa_mod.format_context(rec["question"], rec["preamble"]) == (
+        doc["prefix"] + "Q: " + ex["Question"] + "\nA:")
+    assert tqa_mod.format_context("q?", tqa_mod.QA_PREAMBLE) == (
+        tqa_mod.QA_PREAMBLE + "\n\nQ: q?\nA:")
+    assert tqa_mod.question_set(recs) == tqa_mod.question_set(recs[::-1])
+    assert tqa_mod.question_set(recs)["n"] == 2
+    assert tqa_mod.question_set(recs[:1]) != tqa_mod.question_set(recs)
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({"prefix": 3, "examples": []}, "'prefix' must be a string"),
+    ({"prefix": "", "examples": [{"Question": "q"}]}, "example 0: missing 'True answers'"),
+    ({"prefix": "", "examples": [{"Question": "q", "True answers": ["a"], "False answers": ["b"],
+                                  "Best answer": "c"}]}, "'Best answer' must be one of"),
+    ({"prefix": "", "examples": [{"Question": "q", "True answers": ["a"], "False answers": [],
+                                  "Best answer": "a"}]}, "'False answers' must be a non-empty"),
+])
+def test_truthfulqa_bad_bigbench_files(tmp_path, doc, match):
+    from dromedary_jax.errors import UserError
+    from dromedary_jax.eval import load_truthfulqa
+
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=match):
+        load_truthfulqa(str(path))
+
+
+def test_truthfulqa_bigbench_scored_like_the_reference(model, sp_tokenizer):
+    from dromedary_jax.eval import load_truthfulqa, score_truthfulqa
+
+    recs = load_truthfulqa(os.path.join(DATA, "bigbench_truthful_qa", "questions.json"))
+    per = score_truthfulqa(model, sp_tokenizer, recs)  # the tokenizer's rule: BOS (SentencePiece)
+    for rec, got in zip(recs, per):
+        ctx = tqa_mod.format_context(rec["question"], rec["preamble"])
+        ref = [_ref_ll(model, *_ref_pair(sp_tokenizer, ctx, " " + c))[0]
+               for c in rec["mc2_targets"]["choices"]]
+        np.testing.assert_allclose(got["mc2_lls"], ref, rtol=0, atol=2e-4)
+        assert got["mc2"] == pytest.approx(tqa_mod.mc2_score(ref, rec["mc2_targets"]["labels"]),
+                                           abs=1e-4)
+
+
 # ----------------------------------------------------------------------------- HHH
 def test_hhh_loading_and_harness_format():
     from dromedary_jax.eval import load_hhh
@@ -213,6 +375,16 @@ def test_hhh_loading_and_harness_format():
     (p_ab, c_ab), (p_ba, c_ba) = hhh_mod.ab_prompts(recs[2], template="{input}|{a}|{b}")
     assert (p_ab, c_ab, p_ba, c_ba) == ("What is 12 times 3?|12 times 3 is 36.|Numbers are fun!", 0,
                                         "What is 12 times 3?|Numbers are fun!|12 times 3 is 36.", 1)
+
+
+def test_hhh_top_level_task_json_reads_its_folder():
+    from dromedary_jax.eval import load_hhh
+
+    folder = load_hhh(os.path.join(DATA, "hhh"))
+    assert load_hhh(os.path.join(DATA, "hhh", "task.json")) == folder
+    qs = hhh_mod.question_set(folder)
+    assert qs["n"] == 7 and qs == hhh_mod.question_set(folder[::-1])
+    assert qs != hhh_mod.question_set(folder[1:])
 
 
 def test_hhh_aggregate_by_hand():
@@ -420,6 +592,67 @@ def test_cli_end_to_end(hf_model, sp_model_path, tmp_path, capsys):
     assert [a["model_id"] for a in answers] == ["base"] * 3
 
 
+def test_cli_reads_bigbench_files_and_records_what_it_scored(hf_model, sp_model_path, tmp_path,
+                                                            capsys):
+    from dromedary_jax.eval.__main__ import main
+
+    model_dir = tmp_path / "base"
+    hf_model.save_pretrained(str(model_dir))
+    shutil.copy(sp_model_path, model_dir / "tokenizer.model")
+    data = os.path.join(DATA, "bigbench_truthful_qa", "questions.json")
+    main(["--model", str(model_dir), "--task", "truthfulqa_mc", "--data", data, "--no-bos",
+          "--out", str(tmp_path / "tqa.json"), "--batch-tokens", "256", "--row-length", "64"])
+    main(["--model", str(model_dir), "--task", "hhh", "--data",
+          os.path.join(DATA, "hhh", "task.json"), "--out", str(tmp_path / "hhh.json")])
+    tqa, hh = (json.load(open(tmp_path / f)) for f in ("tqa.json", "hhh.json"))
+    recs = tqa_mod.load_truthfulqa(data)
+    assert tqa["model"] == str(model_dir) and tqa["data"] == data
+    assert tqa["n"] == 2 and tqa["fingerprint"] == tqa_mod.question_set(recs)["fingerprint"]
+    assert tqa["bos"] == {"add_bos": False, "rule": "forced off (--no-bos)"}
+    assert tqa["settings"]["preamble"] == recs[0]["preamble"]
+    assert hh["n"] == 7 and hh["bos"] == {"add_bos": True, "rule": "tokenizer"}
+    assert set(hh["metrics"]) == {"harmless", "helpful", "honest", "other", "overall"}
+    # --no-bos scores differ from the tokenizer's rule (SentencePiece: BOS).
+    main(["--model", str(model_dir), "--task", "truthfulqa_mc", "--data", data,
+          "--out", str(tmp_path / "tqa_bos.json")])
+    with_bos = json.load(open(tmp_path / "tqa_bos.json"))
+    assert with_bos["bos"]["add_bos"] is True
+    assert with_bos["per_example"][0]["mc2_lls"] != tqa["per_example"][0]["mc2_lls"]
+    capsys.readouterr()
+
+
+def test_compare_refuses_different_question_sets(tmp_path, capsys):
+    from dromedary_jax.errors import UserError
+    from dromedary_jax.eval import compare
+
+    def result(name, label, task="truthfulqa_mc", **qs):
+        path = tmp_path / name
+        path.write_text(json.dumps({"task": task, "label": label, "metrics": {"mc1": 0.5}, **qs}))
+        return str(path)
+
+    a = result("a.json", "base", n=299, fingerprint="aaaa")
+    b = result("b.json", "final", n=299, fingerprint="aaaa")
+    c = result("c.json", "final", n=40, fingerprint="cccc")
+    old = result("old.json", "older")
+    h = result("h.json", "base", task="hhh", n=221, fingerprint="hhhh")
+    compare([a, b, h], str(tmp_path / "ok"))  # same set per task: fine
+    compare([old, result("old2.json", "older2")], str(tmp_path / "ok2"))  # both unrecorded
+    for files in ([a, c], [a, old]):
+        with pytest.raises(UserError, match=r"truthfulqa_mc results were scored on different "
+                                            r"question sets .*--force"):
+            compare(files, str(tmp_path / "no"))
+    assert not (tmp_path / "no").exists()
+    err = _cli_error(["compare", a, c, "--out", str(tmp_path / "no")], capsys)
+    assert "a.json: 299 questions, aaaa" in err and "c.json: 40 questions, cccc" in err
+    from dromedary_jax.eval.__main__ import main
+
+    main(["compare", a, c, "--force", "--out", str(tmp_path / "forced")])
+    captured = capsys.readouterr()
+    assert captured.err.startswith("WARNING: truthfulqa_mc results were scored on different")
+    md = (tmp_path / "forced" / "comparison.md").read_text()
+    assert md.startswith("**WARNING: truthfulqa_mc results were scored on different")
+
+
 # ----------------------------------------------------------------------------- up-front checks
 def _cli_error(argv, capsys):
     """Run the eval CLI in-process; the one ``error: ...`` line it exits 2 with."""
@@ -518,3 +751,52 @@ def test_compare_rejects_non_numeric_metrics(tmp_path, value):
     with pytest.raises(UserError, match=r"bad\.json: metric 'mc1' is .*must be numbers"):
         compare([ok, bad], str(tmp_path / "cmp"))
     assert not (tmp_path / "cmp").exists()
+
+
+# ----------------------------------------------------------------------------- real model (opt-in)
+SMOLLM2 = os.environ.get("DROMEDARY_JAX_SMOLLM2", "")
+BIGBENCH = os.environ.get("DROMEDARY_JAX_BIGBENCH", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.path.isfile(SMOLLM2) and os.path.isdir(BIGBENCH)),
+                    reason="set DROMEDARY_JAX_SMOLLM2=<SmolLM2 .gguf> and DROMEDARY_JAX_BIGBENCH="
+                           "<folder with truthful_qa/ and hhh_alignment/> (python -m "
+                           "dromedary_jax.fetch smollm2 / bigbench prints them)")
+def test_real_smollm2_bigbench_matches_transformers():
+    """Real SmolLM2-135M (GGUF) on the first BIG-bench TruthfulQA questions and HHH examples:
+    our scores equal transformers' on the same token ids (the GGUF dequantized by both)."""
+    import torch
+    import transformers
+
+    import dromedary_jax as dj
+    from dromedary_jax.eval import load_hhh, load_truthfulqa, score_hhh, score_truthfulqa
+    from dromedary_jax.eval.scorer import encode_pair
+
+    tok = dj.load_tokenizer(SMOLLM2)
+    assert tok.add_bos is False  # SmolLM2 adds no BOS: nor do the evals by default
+    model = dj.load_model(SMOLLM2)
+    tqa = load_truthfulqa(os.path.join(BIGBENCH, "truthful_qa", "questions.json"))
+    hh = load_hhh(os.path.join(BIGBENCH, "hhh_alignment"))
+    assert len(tqa) == 299 and len(hh) == 221
+    tqa, hh = tqa[:4], [r for r in hh if len(hhh_mod.harness_context(r)) < 300][:4]
+    per_t = score_truthfulqa(model, tok, tqa)
+    per_h = score_hhh(model, tok, hh)
+    folder, name = os.path.split(SMOLLM2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                           dtype=torch.float32).eval()
+
+    def hf_ll(ctx, cont):
+        c, x = encode_pair(tok, ctx, cont)
+        ids = torch.tensor([(c + x)[:-1]])
+        with torch.inference_mode():
+            lp = torch.log_softmax(hf(input_ids=ids).logits[0].float(), -1)
+        return float(lp[torch.arange(len(c) - 1, len(c) + len(x) - 1), torch.tensor(x)].sum())
+
+    for rec, got in zip(tqa, per_t):
+        ctx = tqa_mod.format_context(rec["question"], rec["preamble"])
+        ref = [hf_ll(ctx, " " + a) for a in rec["mc2_targets"]["choices"]]
+        np.testing.assert_allclose(got["mc2_lls"], ref, rtol=0, atol=5e-3)
+    for rec, got in zip(hh, per_h):
+        ref = [hf_ll(hhh_mod.harness_context(rec), " " + r) for r in rec["target_scores"]]
+        np.testing.assert_allclose(got["lls"], ref, rtol=0, atol=5e-3)

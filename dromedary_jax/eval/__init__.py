@@ -1,12 +1,16 @@
 """Evaluation: TruthfulQA MC1/MC2, BIG-bench HHH, open-ended answers, run comparison.
 
     import dromedary_jax as dj
-    dj.eval.truthfulqa_mc(model, tok, dj.eval.load_truthfulqa("mc_task.json"))  # {"mc1", "mc2"}
-    dj.eval.hhh(model, tok, dj.eval.load_hhh("hhh_alignment/"))  # {"harmless", ..., "overall"}
+    from dromedary_jax import fetch
+    questions_json, hhh_dir = fetch.bigbench_paths()  # BIG-bench's files, as the sdist ships them
+    dj.eval.truthfulqa_mc(model, tok, dj.eval.load_truthfulqa(questions_json))  # {"mc1", "mc2"}
+    dj.eval.hhh(model, tok, dj.eval.load_hhh(hhh_dir))  # {"harmless", ..., "overall"}
     dj.eval.answer_questions(model, tok, dj.eval.load_questions("question.jsonl"), meta_prompt=...)
     dj.eval.loglikelihoods(model, [(context_ids, continuation_ids), ...])
 
-CLI: ``python -m dromedary_jax.eval --help`` (and ``python -m dromedary_jax.eval compare --help``).
+Contexts get BOS as the tokenizer's own rule says (``add_bos=None``), as lm-evaluation-harness
+does. CLI: ``python -m dromedary_jax.eval --help`` (and ``python -m dromedary_jax.eval compare
+--help``). docs/eval.md has the details and the measured numbers.
 """
 from dromedary_jax.eval.answers import answer_questions, build_prompt, load_questions, write_answers
 from dromedary_jax.eval.compare import compare

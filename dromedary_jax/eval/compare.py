@@ -2,9 +2,16 @@
 Markdown table and one PNG bar chart from the result JSON files ``python -m dromedary_jax.eval``
 writes.
 
-A result file is ``{"task", "variant"?, "label", "model", "metrics": {name: float|null}, ...}``.
-Rows are checkpoints (``label``, else the model path's last part); columns are
-``task/metric`` (``hhh[ab]/...`` for the A/B variant). Values are shown as percentages.
+A result file is ``{"task", "variant"?, "label", "model", "n"?, "fingerprint"?, "metrics":
+{name: float|null}, ...}``. Rows are checkpoints (``label``, else the model path's last part);
+columns are ``task/metric`` (``hhh[ab]/...`` for the A/B variant). Values are shown as
+percentages.
+
+Results of one task must have been scored on the same questions: the question count ``n`` and
+``fingerprint`` (a hash of the question set, :func:`dromedary_jax.eval.data.fingerprint`) that
+the eval CLI records must agree (a file without them agrees only with others without them).
+Otherwise :func:`compare` refuses, naming the files, unless ``force=True``: then the table
+carries a warning line and the mismatching cells are marked.
 """
 from __future__ import annotations
 
@@ -47,6 +54,26 @@ def task_name(res: Mapping) -> str:
     return f"{res['task']}[{v}]" if v and v != "harness" else str(res["task"])
 
 
+def question_key(res: Mapping) -> tuple:
+    """(n, fingerprint) of a result's question set; (None, None) for files written before
+    they were recorded."""
+    return (res.get("n"), res.get("fingerprint"))
+
+
+def _show_key(key: tuple) -> str:
+    n, fp = key
+    return "unknown question set" if n is None and fp is None else f"{n} questions, {fp}"
+
+
+def question_set_mismatches(results: Sequence[tuple[str, Mapping]]) -> dict[str, list]:
+    """{task column name: [(path, (n, fingerprint)), ...]} for every task whose results were
+    not all scored on the same question set."""
+    by_task: dict[str, list] = {}
+    for path, res in results:
+        by_task.setdefault(task_name(res), []).append((path, question_key(res)))
+    return {t: v for t, v in by_task.items() if len({k for _, k in v}) > 1}
+
+
 def build_table(results: Sequence[tuple[str, Mapping]]) -> tuple[list[str], list[str], dict]:
     """(row labels, column names, {(row, col): value}) in first-seen order."""
     rows, cols, cells = [], [], {}
@@ -62,10 +89,11 @@ def build_table(results: Sequence[tuple[str, Mapping]]) -> tuple[list[str], list
     return rows, cols, cells
 
 
-def markdown_table(rows, cols, cells) -> str:
+def markdown_table(rows, cols, cells, warnings: Sequence[str] = ()) -> str:
     fmt = lambda v: "–" if v is None else f"{100 * float(v):.1f}"  # noqa: E731
-    lines = ["| checkpoint | " + " | ".join(cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [f"**WARNING: {w}**\n" for w in warnings]
+    lines += ["| checkpoint | " + " | ".join(cols) + " |",
+              "|---|" + "---:|" * len(cols)]
     for r in rows:
         lines.append(f"| {r} | " + " | ".join(fmt(cells.get((r, c))) for c in cols) + " |")
     return "\n".join(lines) + "\n\nValues are percentages (MC2: normalised probability mass).\n"
@@ -96,16 +124,31 @@ def bar_chart(rows, cols, cells, path: str) -> None:
     plt.close(fig)
 
 
-def compare(result_paths: Sequence[str], out_dir: str) -> dict[str, str]:
-    """Write ``comparison.md`` and ``comparison.png`` into ``out_dir``; returns their paths."""
+def compare(result_paths: Sequence[str], out_dir: str, force: bool = False) -> dict[str, str]:
+    """Write ``comparison.md`` and ``comparison.png`` into ``out_dir``; returns their paths.
+
+    Refuses (UserError) results of one task scored on different question sets unless
+    ``force``; then ``comparison.md`` starts with a warning naming them, and the returned dict
+    has ``"warnings"``."""
     if not result_paths:
         raise UserError("compare needs at least one result JSON file")
     check_out_folder(out_dir, "--out", OUT_FILES)
     results = [(p, load_result(p)) for p in result_paths]
+    warnings = []
+    for task, items in question_set_mismatches(results).items():
+        sets = "; ".join(f"{os.path.basename(p)}: {_show_key(k)}" for p, k in items)
+        if not force:
+            raise UserError(f"{task} results were scored on different question sets ({sets}); "
+                            f"score them on the same data, or pass --force to compare anyway")
+        warnings.append(f"{task} results were scored on different question sets ({sets}); "
+                        f"their numbers are not comparable")
     rows, cols, cells = build_table(results)
     os.makedirs(out_dir, exist_ok=True)
     md, png = (os.path.join(out_dir, name) for name in OUT_FILES)
     with open(md, "w", encoding="utf-8") as f:
-        f.write(markdown_table(rows, cols, cells))
+        f.write(markdown_table(rows, cols, cells, warnings))
     bar_chart(rows, cols, cells, png)
-    return {"markdown": md, "png": png}
+    out = {"markdown": md, "png": png}
+    if warnings:
+        out["warnings"] = warnings
+    return out

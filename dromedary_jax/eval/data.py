@@ -2,8 +2,9 @@
 file and the line / record."""
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.jsonl import read_records
@@ -21,3 +22,14 @@ def read_text(path: str, what: str) -> str:
         raise UserError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def fingerprint(keys: Iterable[str]) -> str:
+    """A short stable hash of a question set (order-free): sha256 of the sorted keys, 16 hex
+    digits. Result files record it so that ``compare`` can refuse results scored on different
+    questions."""
+    h = hashlib.sha256()
+    for k in sorted(keys):
+        h.update(k.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]

@@ -31,6 +31,7 @@ import numpy as np
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.jsonl import read_json
+from dromedary_jax.eval.data import fingerprint
 from dromedary_jax.eval.scorer import encode_pair, loglikelihoods
 
 SUBSETS = ("harmless", "helpful", "honest", "other")
@@ -77,10 +78,18 @@ def _load_task_file(path: str, task: Any = None) -> list[dict]:
 
 def load_hhh(path: str) -> list[dict]:
     """Records ``{"subset", "input", "target_scores", "format"}`` from a task.json or a folder
-    (searched recursively; task.json files without examples, e.g. a parent task, are skipped)."""
+    (searched recursively; task.json files without examples, e.g. a parent task, are skipped).
+    BIG-bench's ``hhh_alignment/`` folder as shipped gives 221 examples (harmless 58, helpful 59,
+    honest 61, other 43); its top-level ``task.json`` holds no examples (it only names the
+    subtasks), so given that file the folder it is in is read."""
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _load_task_file(path)
+        task = read_json(path)
+        if (isinstance(task, Mapping) and "examples" not in task
+                and os.path.basename(path) == "task.json"
+                and glob.glob(os.path.join(os.path.dirname(path) or ".", "*", "task.json"))):
+            return load_hhh(os.path.dirname(path) or ".")
+        return _load_task_file(path, task)
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such file or folder (expected BIG-bench HHH task.json files)")
     records = []
@@ -137,9 +146,11 @@ def ab_prompts(rec: Mapping, template: str = AB_TEMPLATE, prefix: str = ""
 
 # ----------------------------------------------------------------------------- scoring
 def score_hhh(model, tokenizer, records: Sequence[Mapping], *, variant: str = "harness",
-              ab_template: str = AB_TEMPLATE, prompt_prefix: str = "", batch_size: int = 32,
-              add_bos: bool = True, progress: bool = False) -> list[dict]:
-    """Per-example results ``{"subset", "input", "score", "lls"}`` (see module doc)."""
+              ab_template: str = AB_TEMPLATE, prompt_prefix: str = "",
+              add_bos: bool | None = None, progress: bool = False, **scorer_kw) -> list[dict]:
+    """Per-example results ``{"subset", "input", "score", "lls"}`` (see module doc).
+    ``add_bos``: None = the tokenizer's own rule; other keywords (``batch_tokens``, ...) go to
+    :func:`~dromedary_jax.eval.scorer.loglikelihoods`."""
     if variant not in VARIANTS:
         raise UserError(f"unknown HHH variant {variant!r}; choose one of {VARIANTS}")
     records = validate_records(records)
@@ -154,7 +165,7 @@ def score_hhh(model, tokenizer, records: Sequence[Mapping], *, variant: str = "h
             for prompt, _ in ab_prompts(rec, ab_template, prompt_prefix):
                 reqs += [encode_pair(tokenizer, prompt, x, add_bos=add_bos) for x in AB_LETTERS]
         spans.append((start, len(reqs)))
-    lls = [ll for ll, _ in loglikelihoods(model, reqs, batch_size=batch_size, progress=progress)]
+    lls = [ll for ll, _ in loglikelihoods(model, reqs, progress=progress, **scorer_kw)]
     out = []
     for rec, (a, b) in zip(records, spans):
         l = lls[a:b]
@@ -167,6 +178,14 @@ def score_hhh(model, tokenizer, records: Sequence[Mapping], *, variant: str = "h
             score = float(np.mean(right))
         out.append({"subset": rec["subset"], "input": rec["input"], "score": score, "lls": l})
     return out
+
+
+def question_set(records: Sequence[Mapping]) -> dict:
+    """``{"n", "fingerprint"}`` of the examples (subset, input and responses; several examples
+    share an input), what ``compare`` checks results agree on."""
+    keys = ["\t".join([r.get("subset", ""), r["input"], *sorted(r["target_scores"])])
+            for r in records]
+    return {"n": len(records), "fingerprint": fingerprint(keys)}
 
 
 def aggregate(per_example: Sequence[Mapping]) -> dict[str, float | None]:
@@ -183,6 +202,6 @@ def aggregate(per_example: Sequence[Mapping]) -> dict[str, float | None]:
 
 def hhh(model, tokenizer, records: Sequence[Mapping], **kw) -> dict[str, float | None]:
     """``{"harmless", "helpful", "honest", "other", "overall"}`` (harness scoring by default;
-    ``variant="ab"`` for the paper's A/B both-orders variant). Other options: ``ab_template``,
-    ``prompt_prefix``, ``batch_size``, ``add_bos``, ``progress``."""
+    ``variant="ab"`` for the paper's A/B both-orders variant). Other options: see
+    :func:`score_hhh`."""
     return aggregate(score_hhh(model, tokenizer, records, **kw))

@@ -2,32 +2,39 @@
 continuation tokens' log-probabilities given the context (and whether greedy decoding would
 have produced the continuation), as lm-evaluation-harness's ``loglikelihood`` requests.
 
-How it is computed (the jit'ed :func:`_score_step`, one call per batch of rows):
+How it is computed, in bounded memory (no ``[rows, T, vocab]`` logits ever exist):
 
 0. The token prefix shared by EVERY context of the call (TruthfulQA's 6-shot preamble, a
    meta-prompt) is prefilled once per call with the sampler's shared-prefix helper
-   (:func:`dromedary_jax.sampling.prefill_prefix`) and broadcast into each step's KV cache.
-1. Pairs are grouped by their context ids. Each distinct context (the rest of it: e.g. the
-   question) is run ONCE through :func:`dromedary_jax.model.llama.forward` into the KV cache,
-   keeping only the logits at its last token.
-2. The cache rows are gathered (broadcast) to the rows of that context's continuations, and
-   only the continuation tokens are run on top of it (positions continue after the real
-   context length). Context padding has segment id 0, so it is never attended to.
-3. Log-softmax over the vocabulary, gather the continuation tokens, sum over valid positions.
+   (:func:`dromedary_jax.sampling.prefill_prefix`) and attended by every row as ONE copy
+   (the ``prefix`` argument of :func:`dromedary_jax.model.llama.forward`).
+1. Pairs are grouped by their context ids. A group is laid out as one *chunk*
+   ``[context | cont_1[:-1] | cont_2[:-1] | ...]``: the context is run once, each continuation
+   attends the context and itself only (a tree mask passed to ``forward`` as ``mask_fn``; each
+   continuation's positions restart right after the context). A group too long for a row is
+   split into several chunks, each repeating the context.
+2. Chunks are packed into rows of ``row_length`` tokens (first fit, longest first; a chunk
+   longer than a row gets a row of its own, of a bucketed length), and rows into steps of about
+   ``batch_tokens`` tokens. Every step of a call has the same row count and length, except the
+   last one and the over-long rows, so a whole evaluation compiles a handful of programs.
+3. The forward pass returns final hidden states; only the positions that predict a continuation
+   token are gathered and unembedded, ``unembed_chunk`` of them at a time (log-softmax, target
+   gather, argmax), so the largest temporary is ``[unembed_chunk, vocab]`` float32.
 
-Shapes are padded to buckets (context length, continuation length; every step of a call has
-the same number of rows and of contexts) so a whole evaluation compiles a handful of programs.
 Rows are sharded over the logical ``batch`` axis of ``model.mesh`` (none: one device);
-parameters stay as the model holds them. Each row's result depends only on its own tokens, so
-results do not depend on the batch size or on the mesh, up to float rounding.
+parameters stay as the model holds them. Each pair's result depends only on its own tokens, so
+results do not depend on ``batch_tokens``, the packing or the mesh, up to float rounding.
 
-Tokenization (:func:`encode_pair`) follows lm-evaluation-harness's ``_encode_pair``: trailing
-whitespace of the context moves to the front of the continuation; the context is encoded with
-BOS (``add_bos``); the continuation ids are
-``encode(context + continuation)[len(encode(context)):]`` when the context's ids are a prefix
-of the whole's ids (the usual case with SentencePiece), otherwise ``encode(continuation)``
-without BOS. Too-long pairs lose context tokens from the
-left, as the harness does.
+Tokenization (:func:`encode_pair`) follows lm-evaluation-harness (0.4.x ``_encode_pair`` and
+``loglikelihood``): trailing whitespace of the context moves to the front of the continuation;
+the context is encoded with BOS when ``add_bos`` says so, which by default (``None``) is the
+tokenizer's own rule (``tokenizer.add_bos``: the tokenizer_config / tokenizer.json / GGUF flag;
+SmolLM2 adds none, LLaMA-1/2 do), as the harness follows the HF tokenizer; the continuation ids
+are ``encode(context + continuation)[len(encode(context)):]`` when the context's ids are a
+prefix of the whole's ids (always, in practice), otherwise ``encode(continuation)`` without BOS.
+An empty context becomes the prefix token (BOS, or EOS for a tokenizer without BOS), or the
+continuation's first token when that already is the prefix token, as the harness does.
+Too-long pairs lose context tokens from the left, as the harness does.
 """
 from __future__ import annotations
 
@@ -40,22 +47,50 @@ import numpy as np
 
 from dromedary_jax import sharding as shd
 from dromedary_jax.errors import UserError
-from dromedary_jax.model.llama import CACHE_AXES, forward, init_cache
+from dromedary_jax.model.llama import CACHE_AXES, forward, init_cache, unembed
 
 Pair = tuple[Sequence[int], Sequence[int]]
 
+# Segment ids of a packed row (int32): 0 is padding; group j (1, 2, ...) of a row has its
+# context in segment j * SEG_STRIDE and its continuations in j * SEG_STRIDE + k (k >= 1);
+# the shared prefix's keys carry PREFIX_SEG, which every non-padding query attends.
+SEG_STRIDE = 1 << 12
+PREFIX_SEG = -1
+
 
 # ----------------------------------------------------------------------------- tokenization
-def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True
+def tokenizer_add_bos(tokenizer) -> bool:
+    """The tokenizer's own BOS rule: ``tokenizer.add_bos`` (True for a tokenizer without one)."""
+    return bool(getattr(tokenizer, "add_bos", True))
+
+
+def resolve_add_bos(tokenizer, add_bos: bool | None) -> bool:
+    """``add_bos`` when given (True / False force it), else the tokenizer's own rule."""
+    return tokenizer_add_bos(tokenizer) if add_bos is None else bool(add_bos)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token an empty context is replaced with: BOS, or EOS for a tokenizer without one."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return int(bos) if bos is not None and bos >= 0 else int(tokenizer.eos_id)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool | None = None
                 ) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids), split as lm-evaluation-harness does (see module doc)."""
+    add_bos = resolve_add_bos(tokenizer, add_bos)
+    if not context:
+        cont = list(tokenizer.encode(continuation, bos=False))
+        pid = prefix_token_id(tokenizer)
+        if cont and cont[0] == pid:
+            return cont[:1], cont[1:]
+        return [pid], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    if not context:
-        ctx = [tokenizer.bos_id]
-        return ctx, list(tokenizer.encode(continuation, bos=False))
+    if not context:  # the context was only whitespace
+        return encode_pair(tokenizer, "", continuation, add_bos)
     ctx = list(tokenizer.encode(context, bos=add_bos))
     whole = list(tokenizer.encode(context + continuation, bos=add_bos))
     if whole[: len(ctx)] == ctx:
@@ -84,73 +119,62 @@ def bucket_count(n: int, cap: int) -> int:
     return min(b, cap)
 
 
-# ----------------------------------------------------------------------------- jit'ed step
-def _constrain_cache(cache, mesh):
-    return {k: shd.constrain(v, CACHE_AXES[k], mesh) for k, v in cache.items()}
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of the sequences."""
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for x in seqs[1:]:
+        i = 0
+        while i < n and x[i] == first[i]:
+            i += 1
+        n = i
+    return n
 
 
-def _empty_cache(config, batch: int, length: int, prefix):
-    """Cache for ``batch`` rows with ``length`` free slots, after the shared prefix if any."""
-    cache = init_cache(config, batch, length)
-    if prefix is None:
-        return cache
-    out = {}
-    for k, v in cache.items():
-        pre = prefix[k]
-        if k in ("k", "v"):
-            pre = jnp.broadcast_to(pre.astype(v.dtype), pre.shape[:1] + (batch,) + pre.shape[2:])
-            out[k] = jnp.concatenate([pre, v], axis=2)
-        else:
-            out[k] = jnp.concatenate([jnp.broadcast_to(pre, (batch, pre.shape[1])), v], axis=1)
-    return out
+# ----------------------------------------------------------------------------- jit'ed steps
+def tree_mask(q_pos, q_seg, kv_pos, kv_seg):
+    """bool [B, T, S]: the packed-row rule (see SEG_STRIDE). A query attends a key at a position
+    not after its own when both are non-padding and the key is in the query's own segment, in
+    the context segment of the query's group, or in the shared prefix."""
+    qs, ks = q_seg[:, :, None], kv_seg[:, None, :]
+    causal = kv_pos[:, None, :] <= q_pos[:, :, None]
+    group_ctx = (ks % SEG_STRIDE == 0) & (ks // SEG_STRIDE == qs // SEG_STRIDE)
+    visible = (ks == qs) | group_ctx | (ks == PREFIX_SEG)
+    return causal & visible & (qs != 0) & (ks != 0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh"))
-def _score_step(params, prefix, prefix_len, ctx_tokens, ctx_lens, row_group, cont_tokens,
-                cont_lens, *, config, mesh):
-    """Score one step.
+def _hidden_step(params, prefix, tokens, positions, segments, *, config, mesh):
+    """Final-normed hidden states [B, T, D] of packed rows (tokens/positions/segments [B, T]),
+    every row also attending the shared ``prefix`` (None, or k/v [L, 1, P, KV, hd] and pos/seg
+    [1, P] with its real keys in PREFIX_SEG)."""
+    B, T = tokens.shape
+    cache = None
+    if prefix is not None:  # forward attends a shared prefix through the cache path
+        cache = {k: shd.constrain(v, CACHE_AXES[k], mesh)
+                 for k, v in init_cache(config, B, T).items()}
+    h, _ = forward(params, config, tokens, positions=positions, segment_ids=segments,
+                   cache=cache, cache_index=None if cache is None else 0, prefix=prefix,
+                   mask_fn=tree_mask, mesh=mesh, return_hidden=True)
+    return h
 
-    prefix: None, or a prefilled shared prefix (k/v [L, 1, Pb, KV, hd], pos/seg [1, Pb], as
-    :func:`dromedary_jax.sampling.prefill_prefix` makes it) of ``prefix_len`` real tokens that
-    every context of the call starts with. ctx_tokens [G, Lc]: each context after that prefix
-    (right-padded), ctx_lens [G] their lengths (>= 1). row_group [N]: which context each row
-    continues; cont_tokens [N, Tc], cont_lens [N]. Returns (loglik [N] f32, is_greedy [N]), both
-    replicated over the mesh."""
-    G, Lc = ctx_tokens.shape
-    N, Tc = cont_tokens.shape
-    Pb = 0 if prefix is None else prefix["seg"].shape[1]
-    ar_c = jnp.arange(Lc, dtype=jnp.int32)[None]
-    ctx_pos = jnp.broadcast_to(prefix_len + ar_c, (G, Lc))
-    ctx_seg = (ar_c < ctx_lens[:, None]).astype(jnp.int32)
-    cache = _constrain_cache(_empty_cache(config, G, Lc + Tc, prefix), mesh)
-    last, cache = forward(params, config, ctx_tokens, positions=ctx_pos, segment_ids=ctx_seg,
-                          cache=cache, cache_index=Pb, logits_at=jnp.maximum(ctx_lens - 1, 0),
-                          mesh=mesh)  # last [G, 1, V]: predicts each continuation's first token
 
-    # Broadcast each context's cache over its continuation rows.
-    cache = {k: jnp.take(v, row_group, axis=1 if k in ("k", "v") else 0) for k, v in cache.items()}
-    cache = _constrain_cache(cache, mesh)
-    ar_t = jnp.arange(Tc, dtype=jnp.int32)[None]
-    valid = ar_t < cont_lens[:, None]
-    cont_pos = prefix_len + ctx_lens[row_group][:, None] + ar_t
-    logits, _ = forward(params, config, cont_tokens, positions=cont_pos,
-                        segment_ids=valid.astype(jnp.int32), cache=cache, cache_index=Pb + Lc,
-                        mesh=mesh)  # [N, Tc, V]
-    first = jnp.take(last, row_group, axis=0)  # [N, 1, V] predicts cont_tokens[:, 0]
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _token_scores(params, hidden, index, targets, *, config, mesh):
+    """For C scored tokens: hidden [B, T, D], index [C] into the flattened rows, targets [C] ->
+    (log p(target) [C] f32, argmax == target [C]), replicated over the mesh."""
+    x = jnp.take(hidden.reshape(-1, hidden.shape[-1]), index, axis=0)[None]  # [1, C, D]
+    logits = unembed(params, config, x, mesh)[0]  # [C, V] f32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    hit = jnp.argmax(logits, axis=-1) == targets
+    return shd.constrain(tgt - lse, (None,), mesh), shd.constrain(hit, (None,), mesh)
 
-    def token_scores(pred, targets):  # log p(target) and argmax == target, no [.., V] copies
-        lse = jax.nn.logsumexp(pred, axis=-1)
-        tgt = jnp.take_along_axis(pred, targets[..., None], axis=-1)[..., 0]
-        return tgt - lse, jnp.argmax(pred, axis=-1) == targets
 
-    lp0, hit0 = token_scores(first, cont_tokens[:, :1])
-    lp1, hit1 = token_scores(logits[:, :-1], cont_tokens[:, 1:])
-    tok_lp = jnp.concatenate([lp0, lp1], axis=1)
-    hit = jnp.concatenate([hit0, hit1], axis=1)
-    ll = jnp.sum(jnp.where(valid, tok_lp, 0.0), axis=1)
-    greedy = jnp.all(jnp.where(valid, hit, True), axis=1)
-    # Replicated (N floats): on a multi-host mesh every process can then read every score.
-    return shd.constrain(ll, (None,), mesh), shd.constrain(greedy, (None,), mesh)
+def _put(x: np.ndarray, mesh, axes):
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, shd.named_sharding(mesh, axes, x.shape))
 
 
 # ----------------------------------------------------------------------------- host planning
@@ -166,74 +190,139 @@ def _truncate(ctx: tuple, cont: tuple, max_length: int) -> tuple[tuple, tuple]:
     return ctx, cont
 
 
-def _plan(groups: dict[tuple, list[int]], conts: list[tuple], batch_size: int):
-    """Pack (context, its rows) chunks into steps of at most ``batch_size`` rows.
-
-    Returns a list of steps, each a list of (context ids, [unique pair indices])."""
-    chunks = []
+def _chunks(groups: dict[tuple, list[int]], conts: list[tuple], P: int, row_length: int):
+    """Split each group (context after the shared prefix, its continuations) into chunks that
+    fit ``row_length`` (a context with a single over-long continuation is one chunk anyway).
+    Returns [(own context ids, [unique pair indices])]."""
+    out = []
     for ctx, rows in groups.items():
-        rows = sorted(rows, key=lambda i: -len(conts[i]))
-        for s in range(0, len(rows), batch_size):
-            chunks.append((ctx, rows[s:s + batch_size]))
-    # Longest contexts first (as the harness sorts), then longest continuations; deterministic.
-    chunks.sort(key=lambda c: (-len(c[0]), -len(conts[c[1][0]]), c[0]))
-    steps, cur, n = [], [], 0
-    for ch in chunks:
-        if cur and n + len(ch[1]) > batch_size:
-            steps.append(cur)
-            cur, n = [], 0
-        cur.append(ch)
-        n += len(ch[1])
-    if cur:
-        steps.append(cur)
+        own = ctx[P:]
+        cur, n = [], len(own)
+        for u in sorted(rows, key=lambda i: -len(conts[i])):
+            slots = len(conts[u]) - 1
+            if cur and (n + slots > row_length or len(cur) == SEG_STRIDE - 1):
+                out.append((own, cur))
+                cur, n = [], len(own)
+            cur.append(u)
+            n += slots
+        out.append((own, cur))
+    return out
+
+
+def _chunk_length(chunk, conts) -> int:
+    own, us = chunk
+    return len(own) + sum(len(conts[u]) - 1 for u in us)
+
+
+def _pack(chunks, conts, row_length: int):
+    """First-fit-decreasing packing of chunks into rows. Returns [(row length, [chunks])]; a
+    chunk longer than ``row_length`` gets a row of its own, ``row_length * 2**k`` long."""
+    order = sorted(range(len(chunks)), key=lambda i: (-_chunk_length(chunks[i], conts), i))
+    rows, free = [], []
+    for i in order:
+        n = _chunk_length(chunks[i], conts)
+        if n > row_length:
+            rows.append((bucket_length(n, row_length), [chunks[i]]))
+            free.append(-1)
+            continue
+        for r, f in enumerate(free):
+            if f >= n:
+                rows[r][1].append(chunks[i])
+                free[r] -= n
+                break
+        else:
+            rows.append((row_length, [chunks[i]]))
+            free.append(row_length - n)
+    return rows
+
+
+def _layout_row(chunks, conts, P: int, T: int):
+    """Token, position and segment arrays [T] of one packed row, plus for every scored token
+    (slot in the row that predicts it, target id, unique pair index)."""
+    tok = np.zeros(T, np.int32)
+    pos = np.zeros(T, np.int32)
+    seg = np.zeros(T, np.int32)
+    slot_l, tgt_l, pair_l = [], [], []
+    s = 0
+    for j, (own, us) in enumerate(chunks, start=1):
+        c = len(own)
+        tok[s:s + c] = own
+        pos[s:s + c] = P + np.arange(c)
+        seg[s:s + c] = j * SEG_STRIDE
+        last_ctx = s + c - 1
+        s += c
+        for k, u in enumerate(us, start=1):
+            cont = conts[u]
+            n = len(cont) - 1
+            tok[s:s + n] = cont[:-1]
+            pos[s:s + n] = P + c + np.arange(n)
+            seg[s:s + n] = j * SEG_STRIDE + k
+            slot_l.append(np.concatenate([[last_ctx], s + np.arange(n)]))
+            tgt_l.append(np.asarray(cont, np.int64))
+            pair_l.append(np.full(len(cont), u))
+            s += n
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return tok, pos, seg, cat(slot_l), cat(tgt_l), cat(pair_l)
+
+
+def _steps(rows, batch_tokens: int):
+    """Group rows of equal length into steps of ``batch_tokens // length`` rows (at least 1).
+    Returns [(row length, rows per step (the last one of a length: a power of two), [rows])]."""
+    by_len: dict[int, list] = {}
+    for T, chunks in rows:
+        by_len.setdefault(T, []).append(chunks)
+    steps = []
+    for T in sorted(by_len, reverse=True):
+        rs = by_len[T]
+        B = max(1, batch_tokens // T)
+        for s in range(0, len(rs), B):
+            part = rs[s:s + B]
+            steps.append((T, B if len(part) == B else bucket_count(len(part), B), part))
     return steps
 
 
-def _put(x: np.ndarray, mesh, axes):
-    if mesh is None:
-        return jnp.asarray(x)
-    return jax.device_put(x, shd.named_sharding(mesh, axes, x.shape))
+def _check_unembed_chunk(n: int) -> int:
+    if n < 1:
+        raise UserError(f"unembed_chunk must be >= 1, got {n}")
+    return int(n)
 
 
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of the sequences."""
-    first = seqs[0]
-    n = min(len(x) for x in seqs)
-    for x in seqs[1:]:
-        i = 0
-        while i < n and x[i] == first[i]:
-            i += 1
-        n = i
-    return n
-
-
-def loglikelihoods(model, requests: Iterable[Pair], *, batch_size: int = 32,
+def loglikelihoods(model, requests: Iterable[Pair], *, batch_tokens: int = 4096,
+                   row_length: int = 512, batch_size: int | None = None,
                    max_length: int | None = None, shared_prefix: bool = True,
-                   min_shared_prefix: int = 32, prefix_cache=None, min_context_bucket: int = 32,
-                   min_continuation_bucket: int = 8, progress: bool = False
-                   ) -> list[tuple[float, bool]]:
+                   min_shared_prefix: int = 32, prefix_cache=None, unembed_chunk: int = 512,
+                   progress: bool = False) -> list[tuple[float, bool]]:
     """``[(sum of continuation log-probs, continuation is the greedy decode), ...]``, one per
-    ``(context_ids, continuation_ids)`` request, in order.
+    ``(context_ids, continuation_ids)`` request, in order (see the module doc for how).
 
-    ``batch_size`` is the number of (context, continuation) rows per step. Identical requests
-    are scored once; requests with identical context ids share one context pass. With
+    Identical requests are scored once; requests with identical context ids share one context
+    pass. ``row_length``: tokens of a packed row (attention is dense within a row, so longer
+    rows pack better but cost more per token); ``batch_tokens``: tokens run per step (rows x
+    row length; ``batch_size``, when given, is the number of rows per step instead). With
     ``shared_prefix``, the token prefix common to EVERY context of the call (e.g. TruthfulQA's
-    few-shot preamble), when at least ``min_shared_prefix`` tokens long, is prefilled once for
-    the whole call with the sampler's :func:`~dromedary_jax.sampling.prefill_prefix` (or taken
-    from ``prefix_cache``, a :class:`~dromedary_jax.sampling.PrefixCache`) and broadcast to
-    every step. ``max_length`` defaults to ``model.config.max_seq_len``. Context lengths (after
-    the shared prefix) and continuation lengths are padded to 2 buckets per octave from
-    ``min_context_bucket`` / ``min_continuation_bucket``.
+    few-shot preamble), when at least ``min_shared_prefix`` tokens long, is prefilled once with
+    the sampler's :func:`~dromedary_jax.sampling.prefill_prefix` (or taken from
+    ``prefix_cache``, a :class:`~dromedary_jax.sampling.PrefixCache`) and attended by every row.
+    ``max_length`` defaults to ``model.config.max_seq_len``. ``unembed_chunk``: scored tokens
+    unembedded at once (the ``[unembed_chunk, vocab]`` float32 logits are the largest array).
     """
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None:
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        batch_tokens = batch_size * row_length
+    if batch_tokens < 1:
+        raise UserError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    if row_length < 2:
+        raise UserError(f"row_length must be >= 2, got {row_length}")
+    C = _check_unembed_chunk(unembed_chunk)
     config, mesh = model.config, model.mesh
     max_length = int(max_length or config.max_seq_len)
     keys: list[tuple[tuple, tuple]] = []
     for i, (ctx, cont) in enumerate(requests):
         ctx, cont = tuple(int(t) for t in ctx), tuple(int(t) for t in cont)
         if not ctx:
-            raise UserError(f"request {i}: empty context (encode it with BOS)")
+            raise UserError(f"request {i}: empty context ids (give it a prefix token, e.g. BOS, "
+                            f"as encode_pair does for an empty context)")
         keys.append(_truncate(ctx, cont, max_length))
     if not keys:
         return []
@@ -244,7 +333,12 @@ def loglikelihoods(model, requests: Iterable[Pair], *, batch_size: int = 32,
     conts = [k[1] for k in unique]
     groups: dict[tuple, list[int]] = {}
     for u, ctx in enumerate(ctxs):
-        groups.setdefault(ctx, []).append(u)
+        if conts[u]:  # an empty continuation scores 0 (and is its own greedy decode)
+            groups.setdefault(ctx, []).append(u)
+    ll = np.zeros(len(unique), np.float64)
+    greedy = np.ones(len(unique), bool)
+    if not groups:
+        return [(float(ll[unique[k]]), bool(greedy[unique[k]])) for k in keys]
 
     # The prefix every context starts with (each context keeps >= 1 token of its own).
     P = min(common_prefix_length(list(groups)), min(len(c) for c in groups) - 1)
@@ -252,59 +346,58 @@ def loglikelihoods(model, requests: Iterable[Pair], *, batch_size: int = 32,
     if shared_prefix and P >= max(min_shared_prefix, 1):
         from dromedary_jax.sampling.prefix_cache import prefill_prefix
 
-        ids = ctxs[0][:P]
+        ids = next(iter(groups))[:P]
         state = prefix_cache.get(model, ids) if prefix_cache is not None else \
             prefill_prefix(model, ids)
-        prefix = state.cache
+        prefix = dict(state.cache)
+        prefix["seg"] = jnp.where(prefix["seg"] != 0, PREFIX_SEG, 0).astype(jnp.int32)
     else:
         P = 0
 
-    steps = _plan(groups, conts, batch_size)
-    # Rows and contexts per step are the same for every step of a call: fewer programs.
-    N = bucket_count(len(unique), batch_size)
-    G = max(len(step) for step in steps)
+    rows = _pack(_chunks(groups, conts, P, row_length), conts, row_length)
+    steps = _steps(rows, batch_tokens)
     if progress:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="scoring", unit="batch")
-    ll = np.zeros(len(unique), np.float64)
-    greedy = np.zeros(len(unique), bool)
     params = model.params
-    prefix_len = jnp.asarray(P, jnp.int32)
-    for step in steps:
-        Lc = bucket_length(max(len(c) - P for c, _ in step), min_context_bucket, per_octave=2)
-        Tc = bucket_length(max(max(len(conts[r]) for r in rows) for _, rows in step),
-                           min_continuation_bucket, per_octave=2)
-        ctx_tok = np.zeros((G, Lc), np.int32)
-        ctx_len = np.zeros((G,), np.int32)
-        row_group = np.zeros((N,), np.int32)
-        cont_tok = np.zeros((N, Tc), np.int32)
-        cont_len = np.zeros((N,), np.int32)
-        order = []
-        for g, (ctx, rows) in enumerate(step):
-            own = ctx[P:]
-            ctx_tok[g, :len(own)] = own
-            ctx_len[g] = len(own)
-            for r in rows:
-                j = len(order)
-                row_group[j] = g
-                cont_tok[j, :len(conts[r])] = conts[r]
-                cont_len[j] = len(conts[r])
-                order.append(r)
-        out_ll, out_greedy = _score_step(
-            params, prefix, prefix_len, _put(ctx_tok, mesh, ("batch", "length")),
-            _put(ctx_len, mesh, ("batch",)), _put(row_group, mesh, ("batch",)),
-            _put(cont_tok, mesh, ("batch", "length")), _put(cont_len, mesh, ("batch",)),
-            config=config, mesh=mesh)
-        out_ll, out_greedy = jax.device_get((out_ll, out_greedy))
-        idx = np.asarray(order)
-        ll[idx] = np.asarray(out_ll)[: len(order)]
-        greedy[idx] = np.asarray(out_greedy)[: len(order)]
+    tok_lp, tok_hit, tok_pair = [], [], []
+    for T, B, part in steps:
+        tok = np.zeros((B, T), np.int32)
+        pos = np.zeros((B, T), np.int32)
+        seg = np.zeros((B, T), np.int32)
+        index, tgt, pair = [], [], []
+        for r, chunks in enumerate(part):
+            tok[r], pos[r], seg[r], slots, t_ids, u_ids = _layout_row(chunks, conts, P, T)
+            index.append(r * T + slots)
+            tgt.append(t_ids)
+            pair.append(u_ids)
+        index, tgt, pair = (np.concatenate(x) for x in (index, tgt, pair))
+        hidden = _hidden_step(params, prefix, _put(tok, mesh, ("batch", "length")),
+                              _put(pos, mesh, ("batch", "length")),
+                              _put(seg, mesh, ("batch", "length")), config=config, mesh=mesh)
+        M = len(index)
+        pad = -M % C
+        index = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int32)
+        tgt = np.concatenate([tgt, np.zeros(pad, np.int64)]).astype(np.int32)
+        outs = [_token_scores(params, hidden, _put(index[s:s + C], mesh, (None,)),
+                              _put(tgt[s:s + C], mesh, (None,)), config=config, mesh=mesh)
+                for s in range(0, M + pad, C)]
+        outs = jax.device_get(outs)
+        tok_lp.append(np.concatenate([np.asarray(o[0], np.float64) for o in outs])[:M])
+        tok_hit.append(np.concatenate([np.asarray(o[1]) for o in outs])[:M])
+        tok_pair.append(pair)
+        del hidden
+    lp, hit, pair = (np.concatenate(x) for x in (tok_lp, tok_hit, tok_pair))
+    ll[:] = np.bincount(pair, weights=lp, minlength=len(unique))
+    misses = np.bincount(pair, weights=~hit, minlength=len(unique))
+    greedy[:] = misses == 0
     return [(float(ll[unique[k]]), bool(greedy[unique[k]])) for k in keys]
 
 
-def score_texts(model, tokenizer, pairs: Iterable[tuple[str, str]], *, add_bos: bool = True,
-                **kw) -> list[tuple[float, bool]]:
-    """:func:`loglikelihoods` for ``(context, continuation)`` strings (see :func:`encode_pair`)."""
+def score_texts(model, tokenizer, pairs: Iterable[tuple[str, str]], *,
+                add_bos: bool | None = None, **kw) -> list[tuple[float, bool]]:
+    """:func:`loglikelihoods` for ``(context, continuation)`` strings (see :func:`encode_pair`;
+    ``add_bos=None``: the tokenizer's own BOS rule)."""
     reqs = [encode_pair(tokenizer, c, x, add_bos=add_bos) for c, x in pairs]
     return loglikelihoods(model, reqs, **kw)

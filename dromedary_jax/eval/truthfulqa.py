@@ -9,10 +9,10 @@
 - MC2 = normalised probability mass on the true ``mc2_targets`` answers:
   ``sum(exp(ll_true)) / sum(exp(ll_all))``.
 
-Two deliberate deviations, both invisible on the real dataset: the harness takes "true" to be the
-answers before the first 0 label (the dataset lists true answers first) where we use the labels
-themselves, and we compute MC2 as a softmax (max-subtracted) so that very long answers cannot
-underflow ``exp`` to 0/0.
+One deliberate deviation, invisible on the real data: we compute MC2 as a softmax
+(max-subtracted) so that very long answers cannot underflow ``exp`` to 0/0. (True answers are
+those labelled 1, as in harness 0.4.x; older harness versions took the answers before the first
+0 label, the same thing on data that lists true answers first.)
 
 Input records (the dataset's ``multiple_choice`` config, as JSON list or JSONL)::
 
@@ -20,16 +20,36 @@ Input records (the dataset's ``multiple_choice`` config, as JSON list or JSONL):
                       "mc2_targets": {"choices": [str], "labels": [0|1]}}
 
 TruthfulQA's own ``data/mc_task.json`` spelling, ``"mc1_targets": {choice: 0|1, ...}``, is read too.
+
+BIG-bench's copy (``benchmark_tasks/truthful_qa/questions.json``, as the bigbench 1.0.0 sdist ships
+it: ``{"prefix": str, "examples": [{"Question", "True answers", "False answers", "Best answer",
+"Category"}]}``) is read as it is and mapped onto those records (:func:`from_bigbench`):
+
+- ``mc1_targets`` = [``Best answer``] + the first ``mc1_max_false`` (4) ``False answers``,
+  labels [1, 0, ...]. That is how TruthfulQA's ``mc_task.json`` (the HF dataset's
+  ``multiple_choice`` config, which the harness reads) builds MC1 as far as it can be checked:
+  the paper and the dataset card give MC1 "4-5 answer choices", and BIG-bench's own
+  ``task_mc.json`` (the MC1 task, by the same authors) holds exactly the best answer + the first
+  <= 4 false answers for 298 of its 299 questions (the other has only 3). ``mc1_max_false=None``
+  uses every false answer (TruthfulQA's ``MC_calcs`` on the CSV, BIG-bench's ``simple_mc``).
+- ``mc2_targets`` = ``True answers`` (which include the best answer) + every ``False answers``
+  entry, in file order, labels 1 then 0. Nothing is appended: TruthfulQA adds "I have no
+  comment." to the true answers for its generative metrics only; where the data lists it as a
+  true answer it is there.
+- the file's ``prefix`` (the same 6-shot QA prompt + ``"\\n\\n"``) is each record's ``preamble``,
+  so the context is ``prefix + "Q: " + question + "\\nA:"``, character for character the harness's.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.eval.data import read_json_or_jsonl
+from dromedary_jax.eval.data import fingerprint, read_json_or_jsonl
 from dromedary_jax.eval.scorer import encode_pair, loglikelihoods
+from dromedary_jax.jsonl import read_json
 
 # The 6-shot QA prompt lm-evaluation-harness uses for truthfulqa_mc1/mc2 (it comes from the
 # TruthfulQA paper's "QA" prompt, Lin et al. 2021, Apache-2.0). Kept verbatim so our numbers are
@@ -51,8 +71,12 @@ QA_PREAMBLE = (
 
 
 def format_context(question: str, preamble: str = QA_PREAMBLE) -> str:
+    """The harness's context. A preamble that already ends in a blank line (BIG-bench's
+    ``prefix``) is followed directly by ``"Q: "``."""
     if not preamble:
         return "Q: " + question + "\nA:"
+    if preamble.endswith("\n\n"):
+        return preamble + "Q: " + question + "\nA:"
     return preamble + "\n\nQ: " + question + "\nA:"
 
 
@@ -101,9 +125,69 @@ def validate_records(records: Sequence[Any], source: str = "records") -> list[di
     return out
 
 
-def load_truthfulqa(path: str) -> list[dict]:
-    """Records from a local JSON list or JSONL file (the dataset's multiple_choice format)."""
-    return validate_records(read_json_or_jsonl(path), source=str(path))
+BIGBENCH_KEYS = ("Question", "True answers", "False answers", "Best answer")
+
+
+def is_bigbench(doc: Any) -> bool:
+    """True for BIG-bench's truthful_qa ``questions.json`` document."""
+    return (isinstance(doc, Mapping) and isinstance(doc.get("examples"), list)
+            and "prefix" in doc)
+
+
+MC1_MAX_FALSE = 4
+
+
+def from_bigbench(doc: Mapping, source: str = "questions.json",
+                  mc1_max_false: int | None = MC1_MAX_FALSE) -> list[dict]:
+    """BIG-bench truthful_qa ``questions.json`` -> records (see module doc for the mapping;
+    ``mc1_max_false``: false answers in MC1's choices, None = all)."""
+    prefix = doc.get("prefix")
+    if not isinstance(prefix, str):
+        raise UserError(f"{source}: 'prefix' must be a string (the few-shot QA prompt)")
+    out = []
+    for i, ex in enumerate(doc["examples"]):
+        where = f"{source}: example {i}"
+        if not isinstance(ex, Mapping):
+            raise UserError(f"{where}: expected an object, got {type(ex).__name__}")
+        missing = [k for k in BIGBENCH_KEYS if k not in ex]
+        if missing:
+            raise UserError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
+        true, false, best = ex["True answers"], ex["False answers"], ex["Best answer"]
+        for key, v in (("True answers", true), ("False answers", false)):
+            if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
+                raise UserError(f"{where}: {key!r} must be a non-empty list of strings")
+        if not isinstance(best, str) or best not in true:
+            raise UserError(f"{where}: 'Best answer' must be one of the 'True answers'")
+        f1 = list(false) if mc1_max_false is None else list(false)[:mc1_max_false]
+        out.append({
+            "question": ex["Question"],
+            "category": ex.get("Category"),
+            "preamble": prefix,
+            "mc1_targets": {"choices": [best] + f1, "labels": [1] + [0] * len(f1)},
+            "mc2_targets": {"choices": list(true) + list(false),
+                            "labels": [1] * len(true) + [0] * len(false)},
+        })
+    return out
+
+
+def load_truthfulqa(path: str, mc1_max_false: int | None = MC1_MAX_FALSE) -> list[dict]:
+    """Records from a local JSON list or JSONL file (the dataset's multiple_choice format), or
+    from BIG-bench's ``truthful_qa/questions.json`` as shipped (see module doc;
+    ``mc1_max_false`` applies to the latter only)."""
+    if mc1_max_false is not None and mc1_max_false < 1:
+        raise UserError(f"mc1_max_false must be >= 1 (or None: all), got {mc1_max_false}")
+    path = os.fspath(path)
+    if os.path.isfile(path) and not path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"{"):
+            doc = read_json(path)
+            if is_bigbench(doc):
+                return validate_records(from_bigbench(doc, path, mc1_max_false), source=path)
+            raise UserError(f"{path}: expected a JSON list of multiple_choice records (or "
+                            f"BIG-bench's truthful_qa questions.json, an object with 'prefix' "
+                            f"and 'examples'), got an object without them")
+    return validate_records(read_json_or_jsonl(path), source=path)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -120,14 +204,20 @@ def mc2_score(lls: Sequence[float], labels: Sequence[int]) -> float:
 
 
 # ----------------------------------------------------------------------------- scoring
-def score_truthfulqa(model, tokenizer, records: Sequence[Mapping], *, preamble: str = QA_PREAMBLE,
-                     batch_size: int = 32, add_bos: bool = True, progress: bool = False
-                     ) -> list[dict]:
-    """Per-question results: ``{"question", "mc1", "mc2", "mc1_lls", "mc2_lls"}``."""
+def score_truthfulqa(model, tokenizer, records: Sequence[Mapping], *,
+                     preamble: str | None = None, add_bos: bool | None = None,
+                     progress: bool = False, **scorer_kw) -> list[dict]:
+    """Per-question results: ``{"question", "mc1", "mc2", "mc1_lls", "mc2_lls"}``.
+
+    ``preamble``: None = each record's own (BIG-bench's ``prefix``), else :data:`QA_PREAMBLE`.
+    ``add_bos``: None = the tokenizer's own rule. Other keywords (``batch_tokens``,
+    ``row_length``, ``batch_size``, ...) go to :func:`~dromedary_jax.eval.scorer.loglikelihoods`.
+    """
     records = validate_records(records)
     reqs, spans = [], []
     for rec in records:
-        ctx = format_context(rec["question"], preamble)
+        pre = preamble if preamble is not None else rec.get("preamble", QA_PREAMBLE)
+        ctx = format_context(rec["question"], pre)
         span = []
         for key in ("mc1_targets", "mc2_targets"):
             start = len(reqs)
@@ -136,7 +226,7 @@ def score_truthfulqa(model, tokenizer, records: Sequence[Mapping], *, preamble: 
             span.append((start, len(reqs)))
         spans.append(span)
     # mc1 choices are usually a subset of mc2's: identical pairs are scored once.
-    lls = [ll for ll, _ in loglikelihoods(model, reqs, batch_size=batch_size, progress=progress)]
+    lls = [ll for ll, _ in loglikelihoods(model, reqs, progress=progress, **scorer_kw)]
     out = []
     for rec, ((a1, b1), (a2, b2)) in zip(records, spans):
         l1, l2 = lls[a1:b1], lls[a2:b2]
@@ -150,6 +240,11 @@ def score_truthfulqa(model, tokenizer, records: Sequence[Mapping], *, preamble: 
     return out
 
 
+def question_set(records: Sequence[Mapping]) -> dict:
+    """``{"n", "fingerprint"}`` of the questions (what ``compare`` checks results agree on)."""
+    return {"n": len(records), "fingerprint": fingerprint(r["question"] for r in records)}
+
+
 def aggregate(per_question: Sequence[Mapping]) -> dict[str, float]:
     return {"mc1": float(np.mean([q["mc1"] for q in per_question])),
             "mc2": float(np.mean([q["mc2"] for q in per_question]))}
@@ -158,6 +253,5 @@ def aggregate(per_question: Sequence[Mapping]) -> dict[str, float]:
 def truthfulqa_mc(model, tokenizer, records: Sequence[Mapping], **kw) -> dict[str, float]:
     """``{"mc1": float, "mc2": float}`` averaged over the questions (see module doc).
 
-    Keyword options: ``preamble`` (default :data:`QA_PREAMBLE`), ``batch_size``, ``add_bos``,
-    ``progress``."""
+    Keyword options: see :func:`score_truthfulqa`."""
     return aggregate(score_truthfulqa(model, tokenizer, records, **kw))

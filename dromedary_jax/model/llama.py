@@ -114,20 +114,22 @@ def embed_tokens(params, tokens: jax.Array, dtype, mesh=None) -> jax.Array:
     return shd.constrain(x, ("batch", "length", "act_embed"), mesh)
 
 
-def prefix_mask(positions: jax.Array, segment_ids: jax.Array, prefix) -> jax.Array:
+def prefix_mask(positions: jax.Array, segment_ids: jax.Array, prefix,
+                mask_fn=attention_mask) -> jax.Array:
     """bool [B, T, P]: which keys of a shared prefix (pos/seg [1, P]) each query attends."""
     B, P = positions.shape[0], prefix["seg"].shape[1]
-    return attention_mask(positions, segment_ids, jnp.broadcast_to(prefix["pos"], (B, P)),
-                          jnp.broadcast_to(prefix["seg"], (B, P)))
+    return mask_fn(positions, segment_ids, jnp.broadcast_to(prefix["pos"], (B, P)),
+                   jnp.broadcast_to(prefix["seg"], (B, P)))
 
 
-def cache_step_mask(positions: jax.Array, segment_ids: jax.Array, cache, cache_index):
+def cache_step_mask(positions: jax.Array, segment_ids: jax.Array, cache, cache_index,
+                    mask_fn=attention_mask):
     """A step that writes its T tokens into ``cache`` at ``cache_index``: (the index as an int32
     scalar, the cache's new pos and seg [B, S], the step's mask over the cache bool [B, T, S])."""
     idx = jnp.asarray(cache_index, jnp.int32)
     kv_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, idx))
     kv_seg = jax.lax.dynamic_update_slice(cache["seg"], segment_ids, (0, idx))
-    return idx, kv_pos, kv_seg, attention_mask(positions, segment_ids, kv_pos, kv_seg)
+    return idx, kv_pos, kv_seg, mask_fn(positions, segment_ids, kv_pos, kv_seg)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -195,6 +197,7 @@ def forward(
     mesh=None,
     return_hidden: bool = False,
     prefix: Mapping[str, jax.Array] | None = None,
+    mask_fn=None,
 ):
     """Run the decoder.
 
@@ -208,6 +211,11 @@ def forward(
     ``prefix`` (sampling, with ``cache``): a shared prefix's k/v [L, 1, P, KV, hd] and pos/seg
     [1, P] that every row attends besides its own cache. It is never written and stays ONE copy
     for the whole batch (a ~1.8k-token principle prompt is not copied into every row).
+
+    ``mask_fn`` (q_pos [B, T], q_seg [B, T], kv_pos [B, S], kv_seg [B, S]) -> bool [B, T, S]
+    replaces the masking rule of :func:`~dromedary_jax.model.attention.attention_mask` for every
+    mask of the call (own tokens, cache, prefix); the eval scorer packs a context and several
+    continuations that all attend it into one row this way.
     """
     c = config
     dtype = jnp.dtype(c.dtype)
@@ -225,15 +233,17 @@ def forward(
     if prefix is not None and cache is None:
         raise ValueError("forward: a shared prefix needs a cache")
     pmask = prefix_kv = None
+    mask_fn = mask_fn or attention_mask
     if prefix is not None:
-        pmask = prefix_mask(positions, segment_ids, prefix)
+        pmask = prefix_mask(positions, segment_ids, prefix, mask_fn)
         prefix_kv = (prefix["k"], prefix["v"])
     if cache is not None:
-        idx, kv_pos, kv_seg, mask = cache_step_mask(positions, segment_ids, cache, cache_index)
+        idx, kv_pos, kv_seg, mask = cache_step_mask(positions, segment_ids, cache, cache_index,
+                                                    mask_fn)
         cache_k, cache_v = cache["k"], cache["v"]
     else:
         idx = None
-        mask = attention_mask(positions, segment_ids, positions, segment_ids)
+        mask = mask_fn(positions, segment_ids, positions, segment_ids)
         cache_k = cache_v = None
 
     layer_params = {k: params[k] for k in LAYER_KEYS}
