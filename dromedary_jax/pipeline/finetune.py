@@ -109,10 +109,12 @@ def finetune_and_save(stage: StageDir, train_cfg, model, tokenizer, files: Mappi
     the final weights to ``<stage>/model``; returns metrics for the manifest."""
     import dromedary_jax as dj
     from dromedary_jax import training
+    from dromedary_jax.training.config import config_path
 
     model_dir = stage.file("model")
-    result = training.run_sft(train_cfg, model, tokenizer, files["train"], stage.file("train"),
-                              eval_files=files["heldout"] if n_heldout else None)
+    with config_path(f"config.{stage.stage}.train."):  # run_sft names keys as in its own cfg
+        result = training.run_sft(train_cfg, model, tokenizer, files["train"], stage.file("train"),
+                                  eval_files=files["heldout"] if n_heldout else None)
     if not os.path.exists(os.path.join(model_dir, MODEL_MARKER)):
         dj.save_checkpoint(result.model, model_dir, overwrite=True)
     if stage.hosts.is_main:
