@@ -465,6 +465,31 @@ def _post_processor(bos: str | None, bos_id, eos: str | None, eos_id, add_bos, a
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def split_at_seam(tokenizer: "Tokenizer", first: str, second: str, *, bos: bool | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """``(ids of first, ids of second)`` whose concatenation is exactly
+    ``tokenizer.encode(first + second, bos=bos)``.
+
+    Two texts encoded apart and concatenated are not the joined text encoded (a SentencePiece
+    tokenizer puts a lone "▁" before a second text that starts with a space). The split point is
+    the longest common prefix of ``encode(first)`` and ``encode(first + second)``: right after
+    ``first``'s own ids unless a token merges across the seam (then it goes to the second part).
+    ``bos``: None = the tokenizer's rule (``add_bos``).
+    """
+    whole = list(tokenizer.encode(first + second, bos=bos))
+    n = common_prefix_length(tokenizer.encode(first, bos=bos), whole)
+    return whole[:n], whole[n:]
+
+
 def save_tokenizer(tokenizer: Tokenizer, folder: str, *, chat_template: str | None = None
                    ) -> list[str]:
     """Write ``tokenizer`` into ``folder`` (created if needed); returns the files written.
@@ -530,5 +555,6 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str, *, chat_template: str | No
 
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "TokenizersTokenizer", "HFJsonTokenizer",
-           "load_tokenizer", "save_tokenizer", "tokenizer_file_in", "gguf_tokenizer",
+           "load_tokenizer", "save_tokenizer", "tokenizer_file_in", "split_at_seam",
+           "common_prefix_length", "gguf_tokenizer",
            "merges_from_scores", "TOKENIZER_FILES"]

@@ -6,11 +6,10 @@ Reads what stage 5 (:mod:`dromedary_jax.pipeline.evaluate`) wrote and renders th
 """
 from __future__ import annotations
 
-import io
 import os
 
-from dromedary_jax.jsonl import write_bytes_atomic
 from dromedary_jax.pipeline.evaluate import read_results, score_table
+from dromedary_jax.pipeline.report import save_figure
 
 LABELS = {"base": "base", "engrave": "engraved (stage 3)", "verbose_clone": "verbose-cloned (stage 4)"}
 COLUMNS = (("mc1", "TruthfulQA MC1"), ("mc2", "TruthfulQA MC2"), ("hhh", "HHH"),
@@ -69,11 +68,7 @@ def plot(results: dict[str, dict], out_png: str) -> bool:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("Base vs aligned")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(out_png, buf.getvalue())
+    save_figure(fig, out_png)
     return True
 
 

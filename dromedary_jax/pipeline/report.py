@@ -50,6 +50,17 @@ def markdown(title: str, sections: Sequence[tuple[str, Steps]],
     return "\n".join(lines)
 
 
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+    """A matplotlib figure as PNG at ``path`` (atomically), then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def bar_chart(path: str, title: str, sections: Sequence[tuple[str, Steps]],
               citations: Mapping[str, int] | None = None) -> None:
     import matplotlib
@@ -74,11 +85,7 @@ def bar_chart(path: str, title: str, sections: Sequence[tuple[str, Steps]],
         for i, v in enumerate(values):
             ax.text(v, i, f" {v}", va="center", fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path, dpi=80)
 
 
 def write_funnel(stage_dir: str, title: str, sections: Sequence[tuple[str, Steps]],

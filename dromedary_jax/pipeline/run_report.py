@@ -3,10 +3,10 @@ stages 3 and 4 (``training_curves.png``) and sample answers of the base and the 
 same questions under the same short meta-prompt (before/after alignment)."""
 from __future__ import annotations
 
-import io
 import os
 
-from dromedary_jax.jsonl import read_log, write_bytes_atomic, write_text_atomic
+from dromedary_jax.jsonl import read_log, write_text_atomic
+from dromedary_jax.pipeline.report import save_figure
 from dromedary_jax.pipeline import data as D
 from dromedary_jax.pipeline.finetune import meta_template
 from dromedary_jax.pipeline.records import stage_done
@@ -41,11 +41,7 @@ def plot_curves(workdir: str, out_png: str) -> bool:
         ax.set_ylabel("loss")
         if ax.has_data():
             ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(out_png, buf.getvalue())
+    save_figure(fig, out_png)
     return True
 
 

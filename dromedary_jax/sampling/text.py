@@ -11,13 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+from dromedary_jax.tokenizer import common_prefix_length
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], shared_prefix: str | None = None
@@ -36,7 +30,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], shared_prefix: str | None 
     rows = [list(tokenizer.encode(shared_prefix + p)) for p in prompts]
     n = len(prefix)
     for r in rows:
-        n = min(n, _common_prefix_length(prefix, r))
+        n = min(n, common_prefix_length(prefix, r))
     return prefix[:n], [r[n:] for r in rows]
 
 

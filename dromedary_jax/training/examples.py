@@ -32,6 +32,7 @@ import numpy as np
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.jsonl import iter_jsonl
+from dromedary_jax.tokenizer import split_at_seam  # noqa: F401  (also this module's API)
 
 
 @dataclasses.dataclass
@@ -112,29 +113,6 @@ def load_template(template: str, template_file: str = "") -> str:
 
 def render_prompt(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Number of leading ids ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def split_at_seam(tokenizer, first: str, second: str, *, bos: bool | None = None
-                  ) -> tuple[list[int], list[int]]:
-    """``(ids of first, ids of second)`` such that their concatenation is
-    ``tokenizer.encode(first + second, bos=bos)`` exactly.
-
-    The split point is the longest common prefix of ``encode(first)`` and
-    ``encode(first + second)``: right after ``first``'s own ids unless a token merges across
-    the seam (then that token goes to the second part). ``bos``: None = the tokenizer's rule.
-    """
-    whole = list(tokenizer.encode(first + second, bos=bos))
-    n = common_prefix_length(tokenizer.encode(first, bos=bos), whole)
-    return whole[:n], whole[n:]
 
 
 def tokenize_example(tokenizer, prompt_text: str, response: str, max_len: int, *,
