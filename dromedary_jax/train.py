@@ -83,7 +83,10 @@ def check_inputs(cfg) -> None:
             raise UserError(f"config.model.preset: {e}") from None
 
 
-def export(result, cfg, workdir: str) -> str | None:
+def export(result, cfg, workdir: str, tokenizer=None) -> str | None:
+    """The fine-tuned model as ``<workdir>/final`` (``export.format``), with ``tokenizer`` and the
+    chat template of the meta-prompt it was trained under, so transformers' AutoTokenizer and
+    the eval CLI open the folder as it is."""
     fmt = cfg.export.format
     out = os.path.join(workdir, "final")
     if fmt == "none":
@@ -91,12 +94,23 @@ def export(result, cfg, workdir: str) -> str | None:
     if fmt == "checkpoint":
         from dromedary_jax.checkpoint import save_checkpoint
 
-        return save_checkpoint(result.model, out, overwrite=True)
-    if fmt == "hf":
+        path = save_checkpoint(result.model, out, overwrite=True)
+    elif fmt == "hf":
         from dromedary_jax.checkpoint import save_hf
 
-        return save_hf(result.model, out, overwrite=True)  # a rerun re-exports, as above
-    raise UserError(f"config.export.format={fmt!r}: use checkpoint, hf or none")
+        path = save_hf(result.model, out, overwrite=True)  # a rerun re-exports, as above
+    else:
+        raise UserError(f"config.export.format={fmt!r}: use checkpoint, hf or none")
+    if tokenizer is not None:
+        import jax
+
+        if jax.process_index() == 0:
+            from dromedary_jax.pipeline.finetune import save_model_tokenizer
+            from dromedary_jax.training.examples import load_template
+
+            save_model_tokenizer(tokenizer, out, load_template(cfg.data.template,
+                                                                cfg.data.template_file))
+    return path
 
 
 @cli_main
@@ -142,7 +156,7 @@ def _train(cfg, workdir: str) -> str:
         mesh = shd.make_mesh(tuple(cfg.mesh.shape)) if "mesh" in cfg else None
         model = build_model(cfg, mesh)
         result = run_sft(cfg, model, tokenizer, None, workdir, mesh=mesh)
-        path = export(result, cfg, workdir)
+        path = export(result, cfg, workdir, tokenizer)
     msg = f"done: {result.step} steps"
     if result.final_loss is not None:
         msg += f", final loss {result.final_loss:.4f}"

@@ -41,3 +41,32 @@ def test_chat_template_renders_the_training_prompt(kind, sp_tokenizer, llama_sp_
 def test_chat_template_without_bos():
     t = chat_template(META, add_bos=False)
     assert "bos_token" not in t and "User: " in t
+
+
+@pytest.mark.parametrize("fmt", ["hf", "checkpoint"])
+def test_train_cli_export_carries_the_tokenizer(fmt, llama_sp_tokenizer, tmp_path):
+    """python -m dromedary_jax.train's final folder opens in transformers' AutoTokenizer and
+    in our load_tokenizer without --tokenizer."""
+    import types
+
+    import jax.numpy as jnp
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from dromedary_jax import train
+    from dromedary_jax.model import Llama, ModelConfig
+    from dromedary_jax.model.llama import param_shapes
+    from dromedary_jax.training.config import default_config
+
+    c = ModelConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_layers=1,
+                    num_heads=2, num_kv_heads=2, max_seq_len=64)
+    params = {k: jnp.asarray(np.ones(s, np.float32)) for k, s in param_shapes(c).items()}
+    cfg = default_config()
+    cfg.export.format = fmt
+    out = train.export(types.SimpleNamespace(model=Llama(c, params=params)), cfg, str(tmp_path),
+                       llama_sp_tokenizer)
+    assert out
+    folder = os.path.join(str(tmp_path), "final")
+    assert load_tokenizer(folder).encode("hi there") == llama_sp_tokenizer.encode("hi there")
+    hf = AutoTokenizer.from_pretrained(folder)
+    assert hf.chat_template and "{prompt}" not in hf.chat_template
