@@ -7,7 +7,7 @@
 Each ablation of ``configs/ablation.py`` (the control, 16 leave-one-principle-out runs, no
 exemplars) runs the pipeline into ``<root>/<name>``. ``--only`` picks a subset, ``--stages``
 limits the stages (e.g. self_align alone to compare funnels cheaply), ``--launcher`` prefixes every
-command (e.g. "experiments/tpu/launch.sh --name x --zone z --accelerator v4-256 --"). The table
+command (e.g. "experiments/tpu/launch.sh --wait --name x --zone z --accelerator v4-256 --": --wait, since the launcher otherwise returns at once and refuses the next run while one is going). The table
 (``<root>/ablations.md``) has, per run: stage-2 kept answers, how often the thoughts cite each
 principle, the held-out losses of stages 3 and 4, and any eval results found in
 ``<root>/<name>/eval/*.json`` (written by ``python -m dromedary_jax.eval --out``).
