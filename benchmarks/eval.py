@@ -1,4 +1,4 @@
-"""TruthfulQA MC + BIG-bench HHH on a real model: dromedary_jax's scorer vs transformers, in one run.
+"""TruthfulQA MC + BIG-bench HHH on a real model: our scorer vs transformers, in one run.
 
     python benchmarks/eval.py [--gguf PATH] [--bigbench DIR] [--questions N] [--hhh N]
 
