@@ -324,7 +324,7 @@ def main(argv=None) -> None:
         return
     for name, counts in results.items():
         short = {k: v for k, v in counts.items() if not isinstance(v, dict)}
-        print(f"{name}: {short}")
+        print(f"{name}: {short or ', '.join(counts) + ' (see the table above)'}")
 
 
 def _define_flags(fv, argv) -> None:
