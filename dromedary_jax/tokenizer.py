@@ -19,7 +19,6 @@ BOS token at all.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Sequence

@@ -289,7 +289,6 @@ def test_real_verbose_outputs_are_filtered_as_hand_labelled():
 def test_stages_2_and_4_cut_and_filter_by_one_rule():
     """The same continuation after the answer header gets the same cleaned answer and the same
     shared reason in stage 2 (before the rename) and stage 4."""
-    from dromedary_jax.pipeline import data as D
     from dromedary_jax.pipeline import verbose_clone as VC
     from dromedary_jax.pipeline.answer_filters import REASONS
     from dromedary_jax.pipeline.defaults import complete, get_defaults

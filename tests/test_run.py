@@ -151,7 +151,6 @@ def outputs(wd):
     text; the workdir's own path replaced by "WD". Checkpoints, TensorBoard events, the prepared
     dataset, images and measured wall times / memory (run_stats.json, the report's table of
     them) are left out; models are compared by their parameters."""
-    from dromedary_jax.jsonl import read_log
     from dromedary_jax.training.metrics import without_timing
 
     out = {}
