@@ -145,17 +145,12 @@ def check_inputs(config, workdir: str, selected: list[str], report: bool = True)
 def check_model(config, selected: list[str]) -> None:
     """The model the selected stages load is there: the checkpoint folder (or .gguf file) and
     the tokenizer path exist, or the preset is known (no weights are read)."""
-    from dromedary_jax.pipeline.resources import check_checkpoint, model_kind
+    from dromedary_jax.pipeline.resources import check_checkpoint, model_kind, real_model_kind
 
     m = config.model
-    kind = model_kind(m)
-    if kind == "scripted" and not {"engrave", "verbose_clone"} & set(selected):
+    if model_kind(m) == "scripted" and not {"engrave", "verbose_clone"} & set(selected):
         return  # stages 1-2 with the scripted fake: no model
-    if kind == "scripted":
-        kind = "checkpoint" if m.checkpoint else "preset" if m.preset else kind
-        if kind == "scripted":
-            raise UserError("config.model: the training stages need a real model; set "
-                            "model.checkpoint or model.preset beside model.kind='scripted'")
+    kind = real_model_kind(m)
     if kind == "checkpoint":
         check_checkpoint(m)
     elif kind == "preset":

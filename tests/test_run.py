@@ -273,3 +273,40 @@ def test_ablation_sweep_dry_run_lists_every_run(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, check=True)
     (cmd,) = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
     assert "--accelerator v4-8 -- python3 -m dromedary_jax.run" in cmd and sys.executable not in cmd
+
+
+def test_evaluate_stage_scores_every_model_and_reports(smoke_run, tmp_path, capsys):
+    """Stage 5 on the finished smoke run (BIG-bench-format fixtures): one result file per model
+    with the eval CLI's question-set fingerprint, the report's table and chart, the printed
+    table; a rerun skips it."""
+    import shutil
+
+    from dromedary_jax.eval.hhh import load_hhh, question_set as hhh_set
+    from dromedary_jax.eval.truthfulqa import load_truthfulqa, question_set as tqa_set
+    from dromedary_jax.run import main
+
+    wd = str(tmp_path / "wd")
+    shutil.copytree(smoke_run[0], wd)
+    tqa = os.path.join(ROOT, "tests", "data", "eval", "bigbench_truthful_qa", "questions.json")
+    hhh_dir = os.path.join(ROOT, "tests", "data", "eval", "hhh")
+    args = ["run", "--config", os.path.join(ROOT, "configs", "demo.py") + ":smoke",
+            "--workdir", wd, "--stages", "evaluate", f"--config.evaluate.truthfulqa={tqa}",
+            f"--config.evaluate.hhh={hhh_dir}", "--config.evaluate.max_hhh=3",
+            "--config.evaluate.num_samples=1", "--config.evaluate.sample_max_new_tokens=4"]
+    main(args)
+    out = capsys.readouterr().out
+    assert "base vs aligned:" in out and "| verbose-cloned (stage 4) |" in out
+    want_tqa = tqa_set(load_truthfulqa(tqa))
+    want_hhh = hhh_set(load_hhh(hhh_dir)[:3])
+    for name in ("base", "engrave", "verbose_clone"):
+        with open(os.path.join(wd, "evaluate", f"{name}.json")) as f:
+            res = json.load(f)
+        assert {k: res["truthfulqa"][k] for k in ("n", "fingerprint")} == want_tqa
+        assert {k: res["hhh"][k] for k in ("n", "fingerprint")} == want_hhh
+        assert 0.0 <= res["truthfulqa"]["mc1"] <= 1.0 and len(res["samples"]) == 1
+    report = open(os.path.join(wd, "report.md")).read()
+    assert "## Evaluation: base vs aligned" in report and "WARNING" not in report
+    assert os.path.exists(os.path.join(wd, "evaluation.png"))
+    assert os.path.exists(os.path.join(wd, "evaluate", "run_stats.json"))
+    main(args)
+    assert "== stage evaluate: already done, skipped" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def table_lines(results: dict[str, dict]) -> list[str]:
     if "hhh" in first:
         counts.append(f"HHH: {first['hhh']['n']} examples (BIG-bench hhh_alignment, "
                       "multiple_choice_grade)")
-    sets = {(r.get("truthfulqa", {}).get("questions"), r.get("hhh", {}).get("questions"))
+    sets = {(r.get("truthfulqa", {}).get("fingerprint"), r.get("hhh", {}).get("fingerprint"))
             for r in results.values()}
     if len(sets) > 1:
         counts.append("WARNING: the models were scored on different question sets")

@@ -8,20 +8,20 @@ scoring, :mod:`dromedary_jax.eval.truthfulqa`) and BIG-bench HHH (overall and pe
 name: paths, or ``"bigbench"`` for the copies ``python -m dromedary_jax.fetch bigbench`` put in
 the cache. ``evaluate.max_truthfulqa`` / ``max_hhh`` (0 = all) score the first N questions of
 each, the same N for every model, so the numbers are comparable; each result file records its
-question count and a digest of the question set. Besides the scores, each model answers the same
+question count and fingerprint (the eval modules' ``question_set``, what ``eval compare``
+checks). Besides the scores, each model answers the same
 ``evaluate.num_samples`` red-teaming seed questions (greedy, under the stage-4 distillation
 meta-prompt), for the report's side-by-side answers.
 
 Models are evaluated one at a time and each is freed before the next loads. A model's result
 file is written (atomically) when it is done, so a killed run resumes with the next model.
-Outputs: ``<model>.json`` ({"model", "path", "truthfulqa": {"mc1", "mc2", "n", "questions"},
-"hhh": {"overall", "harmless", ..., "n", "questions"}, "samples": [{"question", "answer"}]}),
+Outputs: ``<model>.json`` ({"model", "path", "truthfulqa": {"mc1", "mc2", "n", "fingerprint"},
+"hhh": {"overall", "harmless", ..., "n", "fingerprint"}, "samples": [{"question", "answer"}]}),
 ``manifest.json`` (the score table under ``counts``).
 """
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 
 from dromedary_jax.errors import UserError
@@ -79,12 +79,13 @@ def load_benchmarks(config) -> dict[str, list[dict]]:
     return out
 
 
-def question_digest(records: list[dict], key: str) -> str:
-    """A digest of a question set (which questions, in which order)."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(str(r.get(key, "")).encode("utf-8") + b"\0")
-    return h.hexdigest()[:16]
+def question_sets(benchmarks: dict[str, list[dict]]) -> dict[str, dict]:
+    """``{benchmark: {"n", "fingerprint"}}`` as the eval CLI records them."""
+    from dromedary_jax.eval.hhh import question_set as hhh_set
+    from dromedary_jax.eval.truthfulqa import question_set as tqa_set
+
+    sets = {"truthfulqa": tqa_set, "hhh": hhh_set}
+    return {k: sets[k](v) for k, v in benchmarks.items()}
 
 
 def model_path(config, workdir: str, name: str) -> str:
@@ -116,8 +117,7 @@ def stage_dir(config, workdir: str, hosts: Hosts = Hosts(), benchmarks=None) -> 
     ev.pop("batch_tokens", None)
     fp = {"stage": STAGE, "evaluate": ev, "inputs": upstream,
           "model": config.model.checkpoint or config.model.preset,
-          "questions": {k: question_digest(v, "question" if k == "truthfulqa" else "input")
-                        for k, v in benchmarks.items()}}
+          "questions": {k: s["fingerprint"] for k, s in question_sets(benchmarks).items()}}
     return StageDir(workdir, STAGE, fp, hosts, overwrite=config.overwrite, force=config.force)
 
 
@@ -144,14 +144,13 @@ def evaluate_model(model, tokenizer, benchmarks: dict, config, progress: bool = 
     if ev.batch_tokens > 0:
         kw["batch_tokens"] = int(ev.batch_tokens)
     out = {}
+    sets = question_sets(benchmarks)
     if "truthfulqa" in benchmarks:
-        recs = benchmarks["truthfulqa"]
-        res = tqa_aggregate(score_truthfulqa(model, tokenizer, recs, **kw))
-        out["truthfulqa"] = {**res, "n": len(recs), "questions": question_digest(recs, "question")}
+        res = tqa_aggregate(score_truthfulqa(model, tokenizer, benchmarks["truthfulqa"], **kw))
+        out["truthfulqa"] = {**res, **sets["truthfulqa"]}
     if "hhh" in benchmarks:
-        recs = benchmarks["hhh"]
-        res = hhh_aggregate(score_hhh(model, tokenizer, recs, **kw))
-        out["hhh"] = {**res, "n": len(recs), "questions": question_digest(recs, "input")}
+        res = hhh_aggregate(score_hhh(model, tokenizer, benchmarks["hhh"], **kw))
+        out["hhh"] = {**res, **sets["hhh"]}
     questions, prompts = sample_prompts(config)
     answers = generate_text(model, tokenizer, prompts, max_new_tokens=int(ev.sample_max_new_tokens),
                             stop=("\nUser:",), progress=False) if prompts else []
@@ -179,7 +178,7 @@ def score_table(results: dict[str, dict]) -> dict[str, dict]:
         if "hhh" in r:
             row["hhh"] = r["hhh"]["overall"]
             row.update({k: v for k, v in r["hhh"].items()
-                        if k not in ("overall", "n", "questions")})
+                        if k not in ("overall", "n", "fingerprint")})
         table[name] = row
     return table
 

@@ -36,16 +36,23 @@ def model_kind(model_cfg) -> str:
                     "init, with model.tokenizer) or model.kind='scripted'")
 
 
-def load_model_and_tokenizer(model_cfg, seed: int = 0, workdir: str = ""):
-    """(model, tokenizer) from ``model.checkpoint`` or ``model.preset``. With ``kind="scripted"``
+def real_model_kind(model_cfg) -> str:
+    """'checkpoint' or 'preset': the model the training stages load. With ``kind="scripted"``
     the generator is the fake, but a checkpoint/preset set beside it is still what the training
-    stages fine-tune."""
+    stages fine-tune (UserError when neither is set)."""
     kind = model_kind(model_cfg)
     if kind == "scripted":
         kind = "checkpoint" if model_cfg.checkpoint else "preset" if model_cfg.preset else kind
     if kind == "scripted":
         raise UserError("config.model: the training stages need a real model; set model.checkpoint "
                         "or model.preset beside model.kind='scripted'")
+    return kind
+
+
+def load_model_and_tokenizer(model_cfg, seed: int = 0, workdir: str = ""):
+    """(model, tokenizer) from ``model.checkpoint`` or ``model.preset`` (see
+    :func:`real_model_kind`)."""
+    kind = real_model_kind(model_cfg)
     if kind == "checkpoint":
         check_checkpoint(model_cfg)
         tokenizer = load_tokenizer_for(model_cfg, workdir, default=model_cfg.checkpoint)
