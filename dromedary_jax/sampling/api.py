@@ -549,10 +549,12 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, temperature
     row_ids = example_ids(ids, len(rows))
     _check_length(c, _prompt_len(rows, shared_prefix), int(knobs["max_new"]))
     prefix = _resolve_prefix(model, shared_prefix, prefix_cache)
-    prefix_ids = list(prefix.ids) if prefix is not None else []
+    prefix_tail = list(prefix.ids[-1:]) if prefix is not None else []
+    # the token each row's generation follows (continuation_text reads only the last one)
+    last = [list(r[-1:]) or prefix_tail for r in rows]
 
     def text_of(i: int, toks) -> str:  # row i's generated text, as it continues its prompt
-        return continuation_text(tokenizer, prefix_ids + list(rows[i]), toks)
+        return continuation_text(tokenizer, last[i], toks)
 
     is_stopped = None
     if stops:
