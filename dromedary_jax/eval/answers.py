@@ -25,7 +25,6 @@ Answer records (one JSON line each)::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -35,6 +34,7 @@ import jax
 from dromedary_jax.distributed import allgather_texts
 from dromedary_jax.errors import UserError
 from dromedary_jax.eval.data import read_json_or_jsonl
+from dromedary_jax.jsonl import write_jsonl_atomic
 from dromedary_jax.output_paths import check_out_file
 
 
@@ -149,6 +149,4 @@ def answer_questions(model, tokenizer, questions: Sequence[Mapping], *, meta_pro
 def write_answers(records: Sequence[Mapping], path: str) -> None:
     check_out_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(path, records)  # a kill leaves the old file or the new one, never half

@@ -15,12 +15,13 @@ carries a warning line and the mismatching cells are marked.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Mapping, Sequence
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.output_paths import check_out_folder
-from dromedary_jax.jsonl import read_json
+from dromedary_jax.jsonl import read_json, write_bytes_atomic, write_text_atomic
 
 OUT_FILES = ("comparison.md", "comparison.png")
 
@@ -120,8 +121,10 @@ def bar_chart(rows, cols, cells, path: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Evaluation across checkpoints")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def compare(result_paths: Sequence[str], out_dir: str, force: bool = False) -> dict[str, str]:
@@ -145,8 +148,7 @@ def compare(result_paths: Sequence[str], out_dir: str, force: bool = False) -> d
     rows, cols, cells = build_table(results)
     os.makedirs(out_dir, exist_ok=True)
     md, png = (os.path.join(out_dir, name) for name in OUT_FILES)
-    with open(md, "w", encoding="utf-8") as f:
-        f.write(markdown_table(rows, cols, cells, warnings))
+    write_text_atomic(md, markdown_table(rows, cols, cells, warnings))
     bar_chart(rows, cols, cells, png)
     out = {"markdown": md, "png": png}
     if warnings:
