@@ -1,13 +1,15 @@
 """A stand-alone fine-tune of the randomly initialised "tiny" preset (a smoke test / demo).
 
-    python -m dromedary_jax.train --workdir /tmp/sft_tiny \
-        --config configs/sft_tiny.py:train=records.jsonl,tokenizer=tokenizer.model
+    python -m dromedary_jax.train --config configs/sft_tiny.py --workdir DIR \\
+        --config.data.train_files=RECORDS.jsonl --config.tokenizer=TOKENIZER.model
 
-The optional argument after ":" is comma-separated key=value: train, eval (JSONL paths or globs,
-";"-separated when several), tokenizer, lora (0/1). The tiny preset has 512 token ids, so the
+Records are JSON lines with "prompt" and "response". The tiny preset has 512 token ids, so the
 tokenizer must have at most 512 (e.g. one trained like the tests' in tests/conftest.py); for a
-real tokenizer, set --config.model.preset / --config.model.checkpoint to a model that matches it. Any key can also be overridden with
-``--config.<section>.<key>=value``. Records are JSON lines with "prompt" and "response".
+real tokenizer, set --config.model.preset / --config.model.checkpoint to a model that matches it.
+Any key can be overridden with ``--config.<section>.<key>=value``. The optional argument after
+":" (``configs/sft_tiny.py:train=A.jsonl,tokenizer=T.model``) presets some keys for tests:
+comma-separated key=value of train, eval (JSONL paths or globs, ";"-separated when several),
+tokenizer, lora (0/1).
 """
 from dromedary_jax.training.config import default_config
 

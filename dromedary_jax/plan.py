@@ -4,6 +4,10 @@
         [--mesh 1,32,8] [--mode full|lora|decode|all] [--accelerator v4|v5e|v5p|h100] \\
         [--stage engrave|verbose_clone] [--remat none|full|dots] [--mfu 0.4] [--config.x=y ...]
 
+``--mesh`` is data,fsdp,tensor (one -1 allowed) as ``config.model.mesh`` is; without it the
+config's mesh is planned. Flags are absl's (``--name value`` or ``--name=value``;
+``--noexact_flops``).
+
 Nothing is allocated: the parameters, optimizer state, batch and KV cache are
 ``jax.ShapeDtypeStruct``s carrying the NamedShardings the run would use, and the trainer's own
 ``train_step`` (``training.step``) and the sampler's own ``decode`` (``sampling.decode_loop``) are
@@ -34,6 +38,8 @@ import sys
 import time
 from typing import Sequence
 
+from dromedary_jax.errors import UserError, absl_cli_flags, cli_main
+
 GiB = 1024**3
 
 # per-device HBM (GiB) and dense bf16 peak FLOP/s of one JAX device (= one chip)
@@ -49,11 +55,16 @@ DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 # ----------------------------------------------------------------------------- device count
 def _devices_from_argv(argv: Sequence[str]) -> int | None:
+    """``--devices N`` / ``--devices=N`` of ``argv`` (None when absent or not a positive
+    integer: the flag parser reports a bad value)."""
     for i, a in enumerate(argv):
+        text = None
         if a == "--devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--devices="):
-            return int(a.split("=", 1)[1])
+            text = argv[i + 1]
+        elif a.startswith("--devices="):
+            text = a.split("=", 1)[1]
+        if text is not None:
+            return int(text) if text.strip().isdigit() and int(text) > 0 else None
     return None
 
 
@@ -348,6 +359,7 @@ def run_plan(config, *, devices: int, mesh_shape=None, modes=MODES, stage: str =
     ``devices`` devices (at most ``jax.device_count()``)."""
     import jax
 
+    from dromedary_jax.checkpoint.dtypes import finetune_param_dtype, sampling_param_dtype
     from dromedary_jax.errors import UserError
     from dromedary_jax.pipeline.defaults import complete
     from dromedary_jax.pipeline.plan import model_config_of
@@ -369,11 +381,15 @@ def run_plan(config, *, devices: int, mesh_shape=None, modes=MODES, stage: str =
     out = []
     for mode in modes:
         if mode in ("full", "lora"):
-            out.append(plan_train(c, train_section(config, stage), mesh, lora=mode == "lora",
-                                  exact_flops=exact_flops))
+            # the dtype the run holds the weights in (checkpoint/dtypes.py): float32 masters for
+            # a full fine-tune, the frozen base as sampling holds it for LoRA
+            held = finetune_param_dtype(c.dtype, lora=mode == "lora")
+            out.append(plan_train(c.replace(param_dtype=held), train_section(config, stage), mesh,
+                                  lora=mode == "lora", exact_flops=exact_flops))
         elif mode == "decode":
             sa = config.self_align
-            out.append(plan_decode(c, mesh, batch=int(decode_batch or config.model.batch_size),
+            cd = c.replace(param_dtype=sampling_param_dtype(c.dtype))
+            out.append(plan_decode(cd, mesh, batch=int(decode_batch or config.model.batch_size),
                                    prefix_len=prefix_len, prompt_len=prompt_len,
                                    max_new_tokens=int(sa.max_new_tokens), top_p=float(sa.top_p),
                                    exact_flops=exact_flops))
@@ -382,81 +398,82 @@ def run_plan(config, *, devices: int, mesh_shape=None, modes=MODES, stage: str =
     return out
 
 
-def main(argv) -> None:
-    from absl import flags
+def _parse_mesh(text: str):
+    """``--mesh`` ``data,fsdp,tensor`` (one -1 allowed) -> tuple; "" -> None."""
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--mesh={text!r}: give data,fsdp,tensor, e.g. 1,-1,8") from None
 
-    del argv
-    FLAGS = flags.FLAGS
-    from dromedary_jax.errors import UserError
+
+@cli_main
+def main(argv=None) -> None:
+    """Run the planner CLI with ``argv`` (program name first; default ``sys.argv``). JAX must
+    already see ``--devices`` devices (``_entry`` arranges it: :func:`ensure_fake_devices`)."""
+    fv = absl_cli_flags(list(sys.argv if argv is None else argv), _define_flags, cli="plan",
+                        usage=__doc__)
     from dromedary_jax.model.config import preset  # noqa: F401  (fail early on a broken install)
 
-    config = FLAGS.config
+    config = fv.config
     if config is None:
         raise UserError("--config is required (e.g. configs/dromedary_65b.py)")
-    if FLAGS.accelerator not in ACCELERATORS:
-        raise UserError(f"--accelerator={FLAGS.accelerator!r}: use one of {list(ACCELERATORS)}")
-    modes = MODES if FLAGS.mode == "all" else (FLAGS.mode,)
-    mesh = None
-    if FLAGS.mesh:
-        try:
-            mesh = tuple(int(x) for x in FLAGS.mesh.split(","))
-        except ValueError:
-            raise UserError(f"--mesh={FLAGS.mesh!r}: give data,fsdp,tensor, e.g. 1,-1,8") from None
+    if fv.accelerator not in ACCELERATORS:
+        raise UserError(f"--accelerator={fv.accelerator!r}: use one of {list(ACCELERATORS)}")
+    modes = MODES if fv.mode == "all" else (fv.mode,)
+    mesh = _parse_mesh(fv.mesh)
     import jax
 
-    print(f"planning on {FLAGS.devices} simulated devices ({jax.device_count()} visible, "
-          f"{jax.default_backend()}); accelerator {FLAGS.accelerator}", flush=True)
-    plans = []
+    print(f"planning on {fv.devices} simulated devices ({jax.device_count()} visible, "
+          f"{jax.default_backend()}); accelerator {fv.accelerator}", flush=True)
     for mode in modes:  # print each as soon as it is compiled
-        p = run_plan(config, devices=FLAGS.devices, mesh_shape=mesh, modes=(mode,),
-                     stage=FLAGS.stage, remat=FLAGS.remat, decode_batch=FLAGS.decode_batch,
-                     prefix_len=FLAGS.prefix_len, prompt_len=FLAGS.prompt_len,
-                     exact_flops=FLAGS.exact_flops)[0]
-        plans.append(p)
-        print("\n".join(format_plan(p, FLAGS.accelerator, FLAGS.mfu)), flush=True)
+        p = run_plan(config, devices=fv.devices, mesh_shape=mesh, modes=(mode,),
+                     stage=fv.stage, remat=fv.remat, decode_batch=fv.decode_batch,
+                     prefix_len=fv.prefix_len, prompt_len=fv.prompt_len,
+                     exact_flops=fv.exact_flops)[0]
+        print("\n".join(format_plan(p, fv.accelerator, fv.mfu)), flush=True)
 
 
-def _define_flags():
+def _define_flags(fv, argv) -> None:
     from absl import flags
     from ml_collections import config_flags
 
+    def define(kind, name, default, help_text, *args):
+        getattr(flags, f"DEFINE_{kind}")(name, default, *args, help_text, flag_values=fv)
+
     config_flags.DEFINE_config_file("config", None, "pipeline config file (path.py or path.py:arg)",
-                                    lock_config=True)
-    flags.DEFINE_integer("devices", 8, "number of simulated devices (the mesh size)")
-    flags.DEFINE_string("mesh", "", "data,fsdp,tensor (one -1 allowed); default: config.model.mesh")
-    flags.DEFINE_enum("mode", "all", ["full", "lora", "decode", "all"], "which step(s) to compile")
-    flags.DEFINE_string("accelerator", "v4", f"one of {list(ACCELERATORS)}: per-device memory to "
-                        "check against and peak FLOP/s for step times")
-    flags.DEFINE_string("stage", "engrave", "the fine-tune section whose batch / length / LoRA "
-                        "settings the training step uses (engrave | verbose_clone)")
-    flags.DEFINE_string("remat", "", "remat policy to plan with (none | full | dots; default: "
-                        "the config's model.remat)")
-    flags.DEFINE_integer("decode_batch", 0, "decode batch (default: config.model.batch_size)")
-    flags.DEFINE_integer("prefix_len", 1792, "tokens of the shared principle prompt (~1.8k in the "
-                         "paper)")
-    flags.DEFINE_integer("prompt_len", 64, "tokens of one question after the shared prefix")
-    flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for step-time estimates")
-    flags.DEFINE_bool("exact_flops", True, "compile a 2-layer unrolled variant to count every "
-                      "layer's FLOPs (XLA counts a scan body once)")
+                                    lock_config=True, flag_values=fv, sys_argv=argv)
+    define("integer", "devices", 8, "number of simulated devices (the mesh size)")
+    define("string", "mesh", "", "the mesh data,fsdp,tensor (one -1 allowed), e.g. 1,-1,8; "
+           "default: config.model.mesh (the same as --config.model.mesh=1,-1,8)")
+    define("enum", "mode", "all", "which step(s) to compile", ["full", "lora", "decode", "all"])
+    define("string", "accelerator", "v4", f"one of {list(ACCELERATORS)}: per-device memory to "
+           "check against and peak FLOP/s for step times")
+    define("string", "stage", "engrave", "the fine-tune section whose batch / length / LoRA "
+           "settings the training step uses (engrave | verbose_clone)")
+    define("string", "remat", "", "remat policy to plan with (none | full | dots; default: the "
+           "config's model.remat)")
+    define("integer", "decode_batch", 0, "decode batch (default: config.model.batch_size)")
+    define("integer", "prefix_len", 1792, "tokens of the shared principle prompt (~1.8k in the "
+           "paper)")
+    define("integer", "prompt_len", 64, "tokens of one question after the shared prefix")
+    define("float", "mfu", 0.4, "model FLOPs utilisation assumed for step-time estimates")
+    define("bool", "exact_flops", True, "compile a 2-layer unrolled variant to count every "
+           "layer's FLOPs (XLA counts a scan body once)")
 
 
+@cli_main
 def _entry() -> None:
-    from dromedary_jax.errors import cli_main, parse_flags
+    import logging
+
+    from absl import flags
 
     n = _devices_from_argv(sys.argv[1:])
     ensure_fake_devices(n if n is not None else 8)
-
-    @cli_main
-    def go():
-        import logging
-
-        from absl import app
-
-        _define_flags()
-        logging.getLogger("absl").setLevel(logging.WARNING)
-        app.run(cli_main(main), argv=sys.argv, flags_parser=parse_flags)
-
-    go()
+    rest = flags.FLAGS(sys.argv, known_only=True)  # absl's own flags (--verbosity, ...)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    main(rest)
 
 
 if __name__ == "__main__":

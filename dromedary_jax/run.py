@@ -1,11 +1,17 @@
 """Run the SELF-ALIGN stages in order.
 
     python -m dromedary_jax.run --config configs/demo.py --workdir /tmp/run \\
-        [--stages self_instruct,self_align,engrave,verbose_clone] [--config.x=y ...] [--dry_run]
+        [--stages self_instruct,self_align,engrave,verbose_clone,evaluate] [--config.x=y ...] \\
+        [--dry_run [--devices 128]]
+
+Flags are absl's (``--name value`` or ``--name=value``; ``--dry_run`` / ``--nodry_run``); any
+config value is overridden with ``--config.<section>.<key>=value``, e.g. the device mesh
+(``data,fsdp,tensor``, one -1): ``--config.model.mesh=1,-1,4``.
 
 A finished stage is skipped, an interrupted one resumes; at the end ``<workdir>/report.md``
 summarises the run. ``--dry_run`` prints the resolved config, the mesh, parameter and
-per-device memory estimates and the stage plan, and runs nothing.
+per-device memory estimates and the stage plan, and runs nothing; ``--devices N`` plans it for
+N devices (another machine) instead of the devices visible here.
 
 Before any stage runs (and before ``--dry_run`` prints its plan): every config value is checked
 (``pipeline.defaults.validate``), every input file of the selected stages is read and checked
@@ -294,7 +300,8 @@ def dry_run(config, workdir: str | None, stages, devices: int = 0) -> None:
 @cli_main
 def main(argv=None) -> None:
     """Run the runner CLI with ``argv`` (program name first; default ``sys.argv``)."""
-    fv = absl_cli_flags(list(sys.argv if argv is None else argv), _define_flags)
+    fv = absl_cli_flags(list(sys.argv if argv is None else argv), _define_flags, cli="run",
+                        usage=__doc__)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / jax chatter; ours stays INFO
     config = fv.config
     if config is None:

@@ -336,7 +336,7 @@ def test_convert_cli_in_process(hf_saved, tmp_path, ids, capsys):
     folder, hf = hf_saved("gqa")
     out = str(tmp_path / "hf_bf16")
     assert main(["--src", folder, "--dst", out, "--dtype", "bfloat16",
-                 "--max-shard-size", "100KB", "--mesh", "fsdp=-1"]) == 0
+                 "--max_shard_size", "100KB", "--mesh", "1,-1,1"]) == 0
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     assert main(["--src", out, "--dst", str(tmp_path / "ck"), "--to", "orbax"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -480,7 +480,7 @@ def test_writing_onto_a_file_names_the_path(writer, where, match, tiny_model, or
 def test_convert_max_shard_size_must_be_finite(size):
     from dromedary_jax.convert import parse_size
 
-    with pytest.raises(UserError, match=f"--max-shard-size '{size}'"):
+    with pytest.raises(UserError, match=f"--max_shard_size '{size}'"):
         parse_size(size)
 
 

@@ -233,7 +233,7 @@ def test_encode_pair_follows_the_tokenizers_bos_rule():
     assert ctx == no_bos.encode("Q: a\nA:", bos=False) and cont == no_bos.encode(" b", bos=False)
     assert encode_pair(with_bos, "Q: a\nA:", " b")[0][0] == 1
     assert encode_pair(no_bos, "Q: a\nA:", " b", add_bos=True)[0][0] == 1  # --bos
-    assert encode_pair(with_bos, "Q: a\nA:", " b", add_bos=False)[0][0] != 1  # --no-bos
+    assert encode_pair(with_bos, "Q: a\nA:", " b", add_bos=False)[0][0] != 1  # --nobos
     assert resolve_add_bos(no_bos, None) is False and resolve_add_bos(object(), None) is True
     # An empty context is the prefix token: BOS, or EOS for a tokenizer without BOS; a
     # continuation that starts with it gives its first token to the context (the harness).
@@ -571,8 +571,8 @@ def test_cli_end_to_end(hf_model, sp_model_path, tmp_path, capsys):
     shutil.copy(sp_model_path, model_dir / "tokenizer.model")
     (tmp_path / "pre.txt").write_text(SHORT_PREAMBLE)
     main(["--model", str(model_dir), "--task", "truthfulqa_mc", "--data",
-          os.path.join(DATA, "truthfulqa_tiny.json"), "--preamble-file", str(tmp_path / "pre.txt"),
-          "--out", str(tmp_path / "tqa.json"), "--batch-size", "4"])
+          os.path.join(DATA, "truthfulqa_tiny.json"), "--preamble_file", str(tmp_path / "pre.txt"),
+          "--out", str(tmp_path / "tqa.json"), "--batch_size", "4"])
     main(["--model", str(model_dir), "--task", "hhh", "--data", os.path.join(DATA, "hhh"),
           "--out", str(tmp_path / "hhh.json")])
     lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()
@@ -585,8 +585,8 @@ def test_cli_end_to_end(hf_model, sp_model_path, tmp_path, capsys):
           str(tmp_path / "cmp")])
     assert (tmp_path / "cmp" / "comparison.md").read_text().startswith("| checkpoint |")
     main(["--model", str(model_dir), "--task", "answers", "--data",
-          os.path.join(DATA, "vicuna_tiny.jsonl"), "--meta-prompt",
-          os.path.join(DATA, "meta_prompt.txt"), "--max-new-tokens", "4", "--out",
+          os.path.join(DATA, "vicuna_tiny.jsonl"), "--meta_prompt",
+          os.path.join(DATA, "meta_prompt.txt"), "--max_new_tokens", "4", "--out",
           str(tmp_path / "answers.jsonl")])
     answers = [json.loads(l) for l in open(tmp_path / "answers.jsonl")]
     assert [a["model_id"] for a in answers] == ["base"] * 3
@@ -600,19 +600,19 @@ def test_cli_reads_bigbench_files_and_records_what_it_scored(hf_model, sp_model_
     hf_model.save_pretrained(str(model_dir))
     shutil.copy(sp_model_path, model_dir / "tokenizer.model")
     data = os.path.join(DATA, "bigbench_truthful_qa", "questions.json")
-    main(["--model", str(model_dir), "--task", "truthfulqa_mc", "--data", data, "--no-bos",
-          "--out", str(tmp_path / "tqa.json"), "--batch-tokens", "256", "--row-length", "64"])
+    main(["--model", str(model_dir), "--task", "truthfulqa_mc", "--data", data, "--nobos",
+          "--out", str(tmp_path / "tqa.json"), "--batch_tokens", "256", "--row_length", "64"])
     main(["--model", str(model_dir), "--task", "hhh", "--data",
           os.path.join(DATA, "hhh", "task.json"), "--out", str(tmp_path / "hhh.json")])
     tqa, hh = (json.load(open(tmp_path / f)) for f in ("tqa.json", "hhh.json"))
     recs = tqa_mod.load_truthfulqa(data)
     assert tqa["model"] == str(model_dir) and tqa["data"] == data
     assert tqa["n"] == 2 and tqa["fingerprint"] == tqa_mod.question_set(recs)["fingerprint"]
-    assert tqa["bos"] == {"add_bos": False, "rule": "forced off (--no-bos)"}
+    assert tqa["bos"] == {"add_bos": False, "rule": "forced off (--nobos)"}
     assert tqa["settings"]["preamble"] == recs[0]["preamble"]
     assert hh["n"] == 7 and hh["bos"] == {"add_bos": True, "rule": "tokenizer"}
     assert set(hh["metrics"]) == {"harmless", "helpful", "honest", "other", "overall"}
-    # --no-bos scores differ from the tokenizer's rule (SentencePiece: BOS).
+    # --nobos scores differ from the tokenizer's rule (SentencePiece: BOS).
     main(["--model", str(model_dir), "--task", "truthfulqa_mc", "--data", data,
           "--out", str(tmp_path / "tqa_bos.json")])
     with_bos = json.load(open(tmp_path / "tqa_bos.json"))
@@ -714,9 +714,9 @@ def test_cli_missing_model_is_named(tmp_path, capsys):
     assert "pass --tokenizer" in err
 
 
-@pytest.mark.parametrize("flag,value", [("--max-new-tokens", "0"), ("--temperature", "-1"),
-                                        ("--temperature", "nan"), ("--top-p", "0"),
-                                        ("--top-p", "1.5"), ("--batch-size", "0")])
+@pytest.mark.parametrize("flag,value", [("--max_new_tokens", "0"), ("--temperature", "-1"),
+                                        ("--temperature", "nan"), ("--top_p", "0"),
+                                        ("--top_p", "1.5"), ("--batch_size", "0")])
 def test_cli_numbers_are_checked_before_anything_is_read(tmp_path, capsys, flag, value):
     # Neither --model nor --data exists: the numbers are checked first.
     err = _cli_error(["--model", str(tmp_path / "nope"), "--task", "answers", "--data",

@@ -160,12 +160,12 @@ def eval_cli(model_dir: str, tokenizer_path: str, out_dir: str) -> None:
     from dromedary_jax.eval.__main__ import main
 
     common = ["--model", model_dir, "--tokenizer", tokenizer_path,
-              "--mesh", ",".join(map(str, MESH)), "--batch-size", "4"]
+              "--mesh", ",".join(map(str, MESH)), "--batch_size", "4"]
     main(common + ["--task", "truthfulqa_mc", "--data", os.path.join(EVAL_DIR, "truthfulqa_tiny.json"),
                    "--out", os.path.join(out_dir, "tqa.json")])
     main(common + ["--task", "answers", "--data", os.path.join(EVAL_DIR, "vicuna_tiny.jsonl"),
-                   "--meta-prompt", os.path.join(EVAL_DIR, "meta_prompt.txt"),
-                   "--max-new-tokens", "6", "--temperature", "1.0", "--seed", "3",
+                   "--meta_prompt", os.path.join(EVAL_DIR, "meta_prompt.txt"),
+                   "--max_new_tokens", "6", "--temperature", "1.0", "--seed", "3",
                    "--out", os.path.join(out_dir, "answers.jsonl")])
 
 

@@ -1,14 +1,18 @@
 """Command line:
 
     python -m dromedary_jax.eval --model PATH [--tokenizer PATH] --task truthfulqa_mc|hhh|answers \\
-        --data FILE [--out FILE] [--label NAME] [--batch-tokens 4096] ...
+        --data FILE [--out FILE] [--label NAME] [--mesh 1,-1,1] [--batch_tokens 4096] ...
     python -m dromedary_jax.eval compare RESULT.json ... --out DIR [--force]
+
+Flags are absl's (``--name value`` or ``--name=value``; ``--bos`` / ``--nobos``); ``--help``
+lists them (``compare --help``: those of ``compare``). ``--mesh`` is data,fsdp,tensor (one -1
+allowed) as ``config.model.mesh`` is.
 
 ``--model`` is an HF / Meta / dromedary_jax folder or a ``.gguf`` file (which carries its own
 tokenizer). ``--data`` takes BIG-bench's files as the bigbench sdist ships them
 (``truthful_qa/questions.json``, the ``hhh_alignment/`` folder or its ``task.json``; see
 ``python -m dromedary_jax.fetch bigbench``) or the HF dataset's records. Contexts get BOS as
-the tokenizer's own rule says (``--bos`` / ``--no-bos`` force it on / off).
+the tokenizer's own rule says (``--bos`` / ``--nobos`` force it on / off).
 
 truthfulqa_mc / hhh print one JSON line of metrics and, with ``--out``, write the result file
 (model, data file, question count and fingerprint, the BOS rule used, metrics, settings,
@@ -24,73 +28,67 @@ process 0 prints and writes ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 
-from dromedary_jax.errors import UserError, cli_main
+from dromedary_jax.errors import UserError, absl_cli_args, absl_cli_flags, cli_main
 
 TASKS = ("truthfulqa_mc", "hhh", "answers")
 
 
-def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dromedary_jax.eval",
-                                description="Evaluate a checkpoint (TruthfulQA MC, BIG-bench HHH, "
-                                            "open-ended answers). See also the 'compare' command.")
-    p.add_argument("--model", required=True,
-                   help="HF folder, Meta folder, our checkpoint, or a .gguf file")
-    p.add_argument("--tokenizer", help="tokenizer .model / tokenizer.json / .gguf / folder "
-                                       "(default: the model folder or .gguf file)")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True,
-                   help="truthfulqa_mc: BIG-bench truthful_qa/questions.json or HF-style "
-                        "JSON/JSONL records; hhh: BIG-bench hhh_alignment folder or a task.json; "
-                        "answers: questions JSONL")
-    p.add_argument("--out", help="result JSON (truthfulqa_mc, hhh) or answer JSONL (answers)")
-    p.add_argument("--label", help="checkpoint name shown by 'compare' (default: model folder)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--mesh", help="mesh shape data,fsdp,tensor (one -1 allowed), e.g. 1,-1,1 "
-                                  "(default: one device)")
-    p.add_argument("--batch-size", type=int, default=32, help="answers: prompts per batch")
-    p.add_argument("--batch-tokens", type=int, default=4096,
-                   help="truthfulqa_mc / hhh: tokens scored per step (rows x row length)")
-    p.add_argument("--row-length", type=int, default=512,
-                   help="truthfulqa_mc / hhh: tokens of a packed scoring row")
-    bos = p.add_mutually_exclusive_group()
-    bos.add_argument("--bos", dest="bos", action="store_const", const=True, default=None,
-                     help="encode contexts with BOS (default: as the tokenizer's own rule says)")
-    bos.add_argument("--no-bos", dest="bos", action="store_const", const=False,
-                     help="encode contexts without BOS")
-    p.add_argument("--mc1-max-false", type=int, default=4,
-                   help="truthfulqa_mc on BIG-bench's questions.json: false answers among MC1's "
-                        "choices (default 4, as TruthfulQA's mc_task.json; 0: all)")
-    p.add_argument("--preamble-file", help="truthfulqa_mc: few-shot preamble text "
-                                           "(default: the harness's 6-shot QA prompt)")
-    p.add_argument("--variant", default="harness", choices=("harness", "ab"),
-                   help="hhh: harness scoring, or the paper's A/B question in both orders")
-    p.add_argument("--meta-prompt", help="text file; answers: the meta-prompt; hhh: text put "
-                                         "before every HHH prompt (e.g. for --variant ab)")
-    p.add_argument("--model-id", help="answers: model_id in the answer file (default: label)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--share-meta-prompt", action="store_true",
-                   help="answers: prefill the meta-prompt once (sampler shared_prefix)")
-    return p
+PROG = "python -m dromedary_jax.eval"
 
 
-def _compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dromedary_jax.eval compare",
-                                description="Markdown table + PNG chart across checkpoints.")
-    p.add_argument("results", nargs="+", help="result JSON files written with --out")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--force", action="store_true",
-                   help="compare results of one task scored on different question sets anyway "
-                        "(the table says so)")
-    return p
+def _define_eval_flags(fv, argv) -> None:
+    from absl import flags
+
+    def define(kind, name, default, help_text, *args):
+        getattr(flags, f"DEFINE_{kind}")(name, default, *args, help_text, flag_values=fv)
+
+    define("string", "model", None, "HF folder, Meta folder, our checkpoint, or a .gguf file "
+           "(required)")
+    define("string", "tokenizer", None, "tokenizer .model / tokenizer.json / .gguf / folder "
+           "(default: the model folder or .gguf file)")
+    define("enum", "task", None, "what to run (required)", list(TASKS))
+    define("string", "data", None, "truthfulqa_mc: BIG-bench truthful_qa/questions.json or "
+           "HF-style JSON/JSONL records; hhh: BIG-bench hhh_alignment folder or a task.json; "
+           "answers: questions JSONL (required)")
+    define("string", "out", None, "result JSON (truthfulqa_mc, hhh) or answer JSONL (answers)")
+    define("string", "label", None, "checkpoint name shown by 'compare' (default: model folder)")
+    define("enum", "dtype", "float32", "compute dtype", ["float32", "bfloat16"])
+    define("string", "mesh", None, "mesh data,fsdp,tensor (one -1 allowed), e.g. 1,-1,1 "
+           "(default: one device)")
+    define("integer", "batch_size", 32, "answers: prompts per batch")
+    define("integer", "batch_tokens", 4096, "truthfulqa_mc / hhh: tokens scored per step "
+           "(rows x row length)")
+    define("integer", "row_length", 512, "truthfulqa_mc / hhh: tokens of a packed scoring row")
+    define("bool", "bos", None, "--bos / --nobos: encode contexts with / without BOS (default: "
+           "as the tokenizer's own rule says)")
+    define("integer", "mc1_max_false", 4, "truthfulqa_mc on BIG-bench's questions.json: false "
+           "answers among MC1's choices (default 4, as TruthfulQA's mc_task.json; 0: all)")
+    define("string", "preamble_file", None, "truthfulqa_mc: few-shot preamble text (default: the "
+           "harness's 6-shot QA prompt)")
+    define("enum", "variant", "harness", "hhh: harness scoring, or the paper's A/B question in "
+           "both orders", ["harness", "ab"])
+    define("string", "meta_prompt", None, "text file; answers: the meta-prompt; hhh: text put "
+           "before every HHH prompt (e.g. for --variant ab)")
+    define("string", "model_id", None, "answers: model_id in the answer file (default: label)")
+    define("integer", "max_new_tokens", 512, "answers: new tokens per answer")
+    define("float", "temperature", 0.0, "answers: sampling temperature (0: greedy)")
+    define("float", "top_p", 1.0, "answers: nucleus sampling mass")
+    define("integer", "seed", 0, "answers: sampling seed")
+    define("bool", "share_meta_prompt", False, "answers: prefill the meta-prompt once (sampler "
+           "shared_prefix)")
+
+
+def _define_compare_flags(fv, argv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("out", None, "output folder (required)", flag_values=fv)
+    flags.DEFINE_bool("force", False, "compare results of one task scored on different question "
+                      "sets anyway (the table says so)", flag_values=fv)
 
 
 def _write_json(path: str, obj) -> None:
@@ -115,19 +113,19 @@ def _parse_mesh(text):
 def _check_numbers(args) -> None:
     """Every numeric argument, before anything is read or loaded."""
     if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.batch_tokens < 1:
-        raise UserError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
+        raise UserError(f"--batch_tokens must be >= 1, got {args.batch_tokens}")
     if args.row_length < 2:
-        raise UserError(f"--row-length must be >= 2, got {args.row_length}")
+        raise UserError(f"--row_length must be >= 2, got {args.row_length}")
     if args.mc1_max_false < 0:
-        raise UserError(f"--mc1-max-false must be >= 0 (0: all), got {args.mc1_max_false}")
+        raise UserError(f"--mc1_max_false must be >= 0 (0: all), got {args.mc1_max_false}")
     if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not 0 <= args.temperature < math.inf:
         raise UserError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
 
 
 def _check_model_folder(args) -> str:
@@ -186,17 +184,20 @@ def run_eval(args) -> dict:
         records = ev.load_hhh(args.data)
     else:
         records = ev.load_questions(args.data)
-    meta = read_text(args.meta_prompt, "--meta-prompt") if args.meta_prompt else ""
-    preamble = (read_text(args.preamble_file, "--preamble-file").strip()
+    meta = read_text(args.meta_prompt, "--meta_prompt") if args.meta_prompt else ""
+    preamble = (read_text(args.preamble_file, "--preamble_file").strip()
                 if args.preamble_file else None)
     _check_model_folder(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     from dromedary_jax.checkpoint import load_model
+    from dromedary_jax.checkpoint.dtypes import sampling_param_dtype, stored_param_dtype
 
-    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
+    # weights in bf16 for a bf16 eval or a bf16 checkpoint (the matmuls read the same values)
+    model = load_model(args.model, dtype=args.dtype, mesh=mesh,
+                       param_dtype=sampling_param_dtype(args.dtype, stored_param_dtype(args.model)))
     label = args.label or _default_label(args.model)
     add_bos = resolve_add_bos(tokenizer, args.bos)
-    bos_rule = {None: "tokenizer", True: "forced on (--bos)", False: "forced off (--no-bos)"}
+    bos_rule = {None: "tokenizer", True: "forced on (--bos)", False: "forced off (--nobos)"}
     common = dict(add_bos=add_bos, progress=lead)
     scoring = dict(batch_tokens=args.batch_tokens, row_length=args.row_length)
     result = {"task": args.task, "label": label, "model": os.path.abspath(args.model),
@@ -239,19 +240,41 @@ def run_eval(args) -> dict:
     return result
 
 
+COMPARE_USAGE = """Markdown table + PNG chart of result files across checkpoints.
+
+    python -m dromedary_jax.eval compare RESULT.json ... --out DIR [--force]
+
+RESULT.json: files written by ``python -m dromedary_jax.eval ... --out``. Writes
+``DIR/comparison.md`` and ``DIR/comparison.png``; results of one task scored on different
+question sets are refused unless ``--force`` (the table says so).
+"""
+
+
 @cli_main
 def main(argv=None) -> None:
+    """Run the eval CLI with ``argv``: the arguments after the program name (default
+    ``sys.argv[1:]``), e.g. ``main(["--model", m, "--task", "hhh", "--data", d])`` or
+    ``main(["compare", "a.json", "b.json", "--out", "cmp"])``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         from dromedary_jax.eval.compare import compare
 
-        args = _compare_parser().parse_args(argv[1:])
-        paths = compare(args.results, args.out, force=args.force)
+        fv, results = absl_cli_args([f"{PROG} compare", *argv[1:]], _define_compare_flags,
+                                    cli="eval compare", usage=COMPARE_USAGE, positional=True)
+        if not results:
+            raise UserError("compare needs RESULT.json files (written with --out)")
+        if not fv.out:
+            raise UserError("compare needs --out DIR (the folder to write the table and chart to)")
+        paths = compare(results, fv.out, force=fv.force)
         for w in paths.get("warnings", ()):
             print(f"WARNING: {w}", file=sys.stderr)
         print(f"wrote {paths['markdown']} and {paths['png']}")
         return
-    run_eval(_eval_parser().parse_args(argv))
+    args = absl_cli_flags([PROG, *argv], _define_eval_flags, cli="eval", usage=__doc__)
+    for name in ("model", "task", "data"):
+        if args[name].value is None:
+            raise UserError(f"--{name} is required (see --help)")
+    run_eval(args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ train step and the checkpointed training loop.
     result = training.run_sft(cfg, model, tokenizer, train_files, workdir, eval_files=None)
     result.params / result.model   # final weights (LoRA merged in)
 
-``python -m dromedary_jax.train --config configs/sft_tiny.py --workdir DIR`` runs the same from
+``python -m dromedary_jax.train --config configs/sft_tiny.py --workdir DIR
+--config.data.train_files=RECORDS.jsonl --config.tokenizer=TOKENIZER.model`` runs the same from
 the command line. The loop module (and JAX) are imported on first use.
 """
 import importlib
