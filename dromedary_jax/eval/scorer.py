@@ -305,6 +305,8 @@ def loglikelihoods(model, requests: Iterable[Pair], *, batch_tokens: int = 4096,
     ``prefix_cache``, a :class:`~dromedary_jax.sampling.PrefixCache`) and attended by every row.
     ``max_length`` defaults to ``model.config.max_seq_len``. ``unembed_chunk``: scored tokens
     unembedded at once (the ``[unembed_chunk, vocab]`` float32 logits are the largest array).
+    ``progress``: a bar on process 0 over the token positions to run, with tokens/s and an ETA
+    (see :mod:`dromedary_jax.progress`).
     """
     if batch_size is not None:
         if batch_size < 1:
@@ -356,10 +358,11 @@ def loglikelihoods(model, requests: Iterable[Pair], *, batch_tokens: int = 4096,
 
     rows = _pack(_chunks(groups, conts, P, row_length), conts, row_length)
     steps = _steps(rows, batch_tokens)
-    if progress:
-        from tqdm import tqdm
+    from dromedary_jax.progress import progress_bar
 
-        steps = tqdm(steps, desc="scoring", unit="batch")
+    # counts the token positions run (padding included): tok/s and an ETA over the whole call
+    bar = progress_bar(sum(T * B for T, B, _ in steps), desc="scoring", unit="tok",
+                       unit_scale=True, show=bool(progress))
     params = model.params
     tok_lp, tok_hit, tok_pair = [], [], []
     for T, B, part in steps:
@@ -388,6 +391,10 @@ def loglikelihoods(model, requests: Iterable[Pair], *, batch_tokens: int = 4096,
         tok_hit.append(np.concatenate([np.asarray(o[1]) for o in outs])[:M])
         tok_pair.append(pair)
         del hidden
+        if bar is not None:
+            bar.update(T * B)
+    if bar is not None:
+        bar.close()
     lp, hit, pair = (np.concatenate(x) for x in (tok_lp, tok_hit, tok_pair))
     ll[:] = np.bincount(pair, weights=lp, minlength=len(unique))
     misses = np.bincount(pair, weights=~hit, minlength=len(unique))

@@ -49,7 +49,7 @@ def get_defaults() -> ml_collections.ConfigDict:
         mesh=(),           # ('data','fsdp','tensor') shape, one -1 allowed; () = one device, no mesh
         batch_size=32,     # sampler batch size (results do not depend on it)
         top_k=0,
-        progress=False,
+        progress=True,     # process 0: one bar per generation step (prompts, tok/s, ETA)
         delay_s=0.0,       # scripted kind only: seconds of sleep per prompt (kill/resume tests)
     ))
 

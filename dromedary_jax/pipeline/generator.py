@@ -13,6 +13,9 @@
   to the first token of its encoding that is not a bare space (encoded with and without a leading
   space), e.g. the paper's -100 on the first token of "Sorry".
 * Returns the text generated for each prompt, cut before the first stop string.
+* A generator whose ``progress`` attribute is True also takes ``progress=`` (a
+  :class:`dromedary_jax.progress.TokenProgress` or False): the pipeline's loop passes one bar
+  for a whole generation step (see ``pipeline/loop.py``); others are never passed it.
 
 ``ScriptedGenerator`` (a fake model for tests and demos) lives in ``pipeline/scripted.py``.
 """
@@ -59,14 +62,17 @@ def resolve_logit_bias(tokenizer, logit_bias: Mapping | None) -> dict[int, float
 
 
 class ModelGenerator:
-    """``dj.generate_text`` behind the Generator interface."""
+    """``dj.generate_text`` behind the Generator interface. ``progress``: show progress (the
+    pipeline's loop then draws one bar per stage step and passes it to every call as
+    ``generate(..., progress=bar)``; a call without one uses ``progress`` as generate_text does)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, top_k: int = 0, progress: bool = False):
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.top_k, self.progress = int(batch_size), int(top_k), progress
+        self.batch_size, self.top_k, self.progress = int(batch_size), int(top_k), bool(progress)
 
     def generate(self, prompts, *, ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=(),
-                 logit_bias=None, shared_prefix=None, seed=0, ngram_penalties=()) -> list[str]:
+                 logit_bias=None, shared_prefix=None, seed=0, ngram_penalties=(),
+                 progress=None) -> list[str]:
         import dromedary_jax as dj
 
         if len(ids) != len(prompts):
@@ -78,7 +84,8 @@ class ModelGenerator:
             temperature=float(temperature), top_p=float(top_p), top_k=self.top_k, stop=tuple(stop),
             logit_bias=resolve_logit_bias(self.tokenizer, logit_bias) or None, seed=int(seed),
             ids=[str(i) for i in ids], shared_prefix=shared_prefix, batch_size=self.batch_size,
-            progress=self.progress, ngram_penalties=tuple(tuple(p) for p in ngram_penalties))
+            progress=self.progress if progress is None else progress,
+            ngram_penalties=tuple(tuple(p) for p in ngram_penalties))
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

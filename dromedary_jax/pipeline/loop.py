@@ -30,25 +30,39 @@ def generate_into(stage: StageDir, name: str, items: Sequence[Mapping], generato
     so afterwards every host sees every record.
 
     Every host makes the SAME number of generator calls (the most any host needs; a host with
-    fewer items passes an empty batch): a model-backed generator runs collectives across hosts."""
+    fewer items passes an empty batch): a model-backed generator runs collectives across hosts.
+
+    Progress: when the generator has a true ``progress`` attribute (``ModelGenerator``, from
+    ``config.model.progress``), process 0 shows ONE bar over this host's items with the
+    generated tokens/s and an ETA, passed to every call as ``generate(..., progress=bar)``
+    (``progress=False`` on the other hosts)."""
     hosts = stage.hosts
     writer = stage.writer(name)
+    bar, extra = None, {}
     try:
         todo = [it for it in hosts.share(list(items)) if it["id"] not in writer.done]
         if todo and hosts.is_main:
             log.info("%s: %d to generate on this host (%d hosts; %d already done)",
                      label or name, len(todo), hosts.count, len(writer.done))
+        if getattr(generator, "progress", False) is True:
+            if todo and hosts.is_main:
+                from dromedary_jax.progress import TokenProgress
+
+                bar = TokenProgress.create(len(todo), desc=f"{stage.stage}: {label or name}")
+            extra = {"progress": bar if bar is not None else False}  # no per-call bars
         n_calls = -(-len(todo) // batch_size)
         if hosts.count > 1:
             n_calls = hosts.allmax(n_calls)
         for start in range(0, n_calls * batch_size, batch_size):
             batch = todo[start:start + batch_size]
             texts = generator.generate([it["prompt"] for it in batch], ids=[it["id"] for it in batch],
-                                       shared_prefix=shared_prefix, seed=seed, **gen_kwargs)
+                                       shared_prefix=shared_prefix, seed=seed, **gen_kwargs, **extra)
             if len(texts) != len(batch):
                 raise RuntimeError(f"generator returned {len(texts)} texts for {len(batch)} prompts")
             writer.append([make_record(it, text) for it, text in zip(batch, texts)])
     finally:
+        if bar is not None:
+            bar.close()
         writer.close()
     hosts.barrier(f"{stage.stage}-{name}-{label}-generated")
     return len(todo)

@@ -122,6 +122,56 @@ def config_hash(fingerprint: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of nested mappings (lists and other values are leaves)."""
+    if isinstance(obj, Mapping) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj} if prefix else {"": obj}
+
+
+def _short(v: Any, width: int = 60) -> str:
+    text = json.dumps(v, sort_keys=True, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+_ABSENT = object()
+
+
+def config_changes(old: Any, new: Any) -> list[str]:
+    """The differences between two config fingerprints, one ``"key: old -> new"`` string per
+    changed dotted key (sorted; ``(absent)`` for a key only one side has; values as JSON, long
+    ones cut). Both sides go through JSON first, so a tuple equals the list it was stored as."""
+    a = _flatten(json.loads(json.dumps(old, default=str)))
+    b = _flatten(json.loads(json.dumps(new, default=str)))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT):
+            left = _short(a[k]) if k in a else "(absent)"
+            right = _short(b[k]) if k in b else "(absent)"
+            out.append(f"{k}: {left} -> {right}")
+    return out
+
+
+MAX_LISTED_CHANGES = 8
+
+
+def describe_changes(old: Any, new: Any) -> str:
+    """One line naming what changed between two fingerprints (at most
+    :data:`MAX_LISTED_CHANGES` keys, then how many more); ``old`` None: the keys are unknown."""
+    if old is None:
+        return ("changed keys unknown: this folder was written by an older version that did not "
+                "record its config")
+    changes = config_changes(old, new)
+    if not changes:
+        return "changed keys unknown: the recorded config matches this one"
+    more = len(changes) - MAX_LISTED_CHANGES
+    listed = "; ".join(changes[:MAX_LISTED_CHANGES]) + (f"; and {more} more" if more > 0 else "")
+    return f"changed: {listed}"
+
+
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -247,6 +297,28 @@ class StageDir:
             return None
         return _read_object(p).get("config_hash")
 
+    def stored_fingerprint(self, stored_hash: str | None = None) -> Any:
+        """The config fingerprint this folder's outputs were made with, as recorded in its
+        ``config.json`` (else its manifest), or None when neither recorded one (older
+        versions). With ``stored_hash``, only a fingerprint recorded under that hash counts."""
+        sources = []
+        if os.path.exists(self._lock_path()):
+            sources.append(_read_object(self._lock_path()))
+        m = self.manifest()
+        if m:
+            sources.append(m)
+        for src in sources:
+            fp = src.get("fingerprint")
+            if fp is not None and (stored_hash is None or src.get("config_hash") == stored_hash):
+                return fp
+        return None
+
+    def changes_from_stored(self) -> list[str]:
+        """``"key: old -> new"`` for each key of the current fingerprint that differs from the
+        recorded one ([] when none is recorded or nothing differs)."""
+        old = self.stored_fingerprint()
+        return [] if old is None else config_changes(old, self.fingerprint)
+
     def open(self) -> "StageDir":
         """Check the config lock (refuse a different config unless overwrite/force) and write it."""
         old = self.stored_hash()
@@ -259,7 +331,8 @@ class StageDir:
             elif not self.force:
                 raise UserError(
                     f"{self.path}: outputs were written by a different config (hash {old}, now "
-                    f"{self.hash}); use another --workdir, or pass --config.overwrite=True to start "
+                    f"{self.hash}; {describe_changes(self.stored_fingerprint(old), self.fingerprint)}"
+                    f"); use another --workdir, or pass --config.overwrite=True to start "
                     f"this stage over, or --config.force=True to append to them anyway")
         self.hosts.barrier(f"{self.stage}-lock-check")
         if self.hosts.is_main:
@@ -311,7 +384,8 @@ class StageDir:
         if self.hosts.is_main:
             write_json_atomic(self.file("manifest.json"), {
                 "stage": self.stage, "done": True, "config_hash": self.hash,
-                "num_processes": self.hosts.count, "counts": dict(counts), "outputs": dict(outputs)})
+                "fingerprint": self.fingerprint, "num_processes": self.hosts.count,
+                "counts": dict(counts), "outputs": dict(outputs)})
         self.hosts.barrier(f"{self.stage}-manifest")
 
 

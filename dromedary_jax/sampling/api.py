@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
 import warnings
 from typing import Callable, Mapping, Sequence
 
@@ -29,6 +28,7 @@ import numpy as np
 from dromedary_jax import sharding as shd
 from dromedary_jax.errors import UserError
 from dromedary_jax.model.llama import LAYER_KEYS
+from dromedary_jax.progress import TokenProgress
 from dromedary_jax.sampling.buckets import bucket, round_up
 from dromedary_jax.sampling.decode_loop import LoopSpec, decode, prefill
 from dromedary_jax.sampling.host import global_max, local_rows, to_device
@@ -350,13 +350,14 @@ def _batch_rows_per_process(mesh) -> int:
 
 
 def _progress_bar(show, total, batches):
+    """(bar, own): the TokenProgress to update (None: no bar) and whether this call made it (and
+    closes it). ``show``: a caller's TokenProgress (e.g. one bar over a whole pipeline stage),
+    True / False, or None (a bar when there is more than one batch)."""
+    if isinstance(show, TokenProgress):
+        return show, False
     if show is None:
         show = batches > 1
-    if not show or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="prompt", desc="sampling", dynamic_ncols=True)
+    return TokenProgress.create(total, desc="sampling", show=bool(show)), True
 
 
 def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
@@ -389,8 +390,8 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     prefix_arrays = None if prefix is None else prefix.arrays()
     chunk = stop_check_every if is_stopped is not None else G
     n_batches = math.ceil(n_all / B) if n_all else 0
-    bar = None if compile_only else _progress_bar(progress, n, n_batches)
-    n_tokens, t_start, compiled = 0, time.perf_counter(), set()
+    bar, own_bar = (None, False) if compile_only else _progress_bar(progress, n, n_batches)
+    compiled = set()
     for b in range(n_batches):
         idx = order[b * B:(b + 1) * B]
         rows = [prompts[i] for i in idx]
@@ -425,11 +426,9 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
         toks, nv = local_rows(state["tokens"]), local_rows(state["n_valid"])
         for i, j in enumerate(idx):
             results[j] = toks[i, :nv[i]].tolist()
-            n_tokens += int(nv[i])
         if bar is not None:
-            bar.update(len(idx))
-            bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t_start, 1e-9):.0f}")
-    if bar is not None:
+            bar.update(len(idx), sum(int(nv[i]) for i in range(len(idx))))
+    if bar is not None and own_bar:
         bar.close()
     return [] if compile_only else results
 
@@ -482,8 +481,11 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0
     present in the generated tokens gets ``-penalty`` (e.g. ((3, p3), (4, p4))). shared_prefix:
     token ids common to every prompt (prompts then hold only their suffix), or a PrefixState from
     ``prefill_prefix``; it is prefilled once and cached (``prefix_cache``, default: the model's
-    own LRU). batch_size: rows per device batch. progress: a tqdm bar over batches with
-    tokens/s (default: shown when there is more than one batch). compile_only: compile the
+    own LRU). batch_size: rows per device batch. progress: a bar over the prompts with the
+    generated tokens/s and an ETA, on process 0 only (None, the default: shown when there is
+    more than one batch; True / False: always / never; a
+    :class:`dromedary_jax.progress.TokenProgress`: update that bar instead, e.g. one bar over
+    many calls; ``DROMEDARY_PROGRESS=0`` turns bars off). compile_only: compile the
     programs this call needs (e.g. before timing it), run nothing and return [].
     Bad arguments raise a UserError before anything is compiled or run.
     """

@@ -11,7 +11,8 @@ Sections:
   lora        rank / alpha / dropout / target modules (enabled=False: full fine-tune)
   checkpoint  Orbax save interval, keep-last-K, async, resume_from
   eval        held-out loss every N steps
-  metrics     JSONL + TensorBoard, progress bar, MFU peak FLOP/s, example-id log
+  metrics     JSONL + TensorBoard (+ wandb / clu writers), progress bar (tokens/s, ETA), MFU peak
+              FLOP/s (looked up from the device kind), example-id log
   mesh        ('data', 'fsdp', 'tensor') shape, one -1 allowed
   export      CLI only: format of the final weights
   debug       test-only knobs
@@ -106,8 +107,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.metrics.log_every = 10
     c.metrics.tensorboard = True
     c.metrics.progress = True
-    c.metrics.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: MFU not reported
+    # per-device peak FLOP/s for MFU; 0: looked up from the device kind (TPU v2-v6e, A100, H100,
+    # H200, L4, ...: training.metrics.PEAK_FLOPS); unknown there (CPU): MFU is not reported
+    c.metrics.peak_flops = 0.0
     c.metrics.log_example_ids = False  # write examples_seen-<process>.jsonl (ids per step)
+    # more scalar writers besides metrics.jsonl (and TensorBoard above): "wandb", "clu",
+    # "tensorboard", or a name registered with training.metrics.register_writer
+    c.metrics.writers = ()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # ('data', 'fsdp', 'tensor')
@@ -149,7 +155,8 @@ def with_defaults(cfg) -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """The type and range of one config value. ``kind``: int | float | bool | choice | names |
-    mesh. Ranges are inclusive unless ``lo_open`` / ``hi_open``; ``none_ok`` also allows None."""
+    mesh | writers (metrics writer names, see ``training.metrics``). Ranges are inclusive unless
+    ``lo_open`` / ``hi_open``; ``none_ok`` also allows None."""
 
     kind: str
     lo: float | None = None
@@ -201,6 +208,10 @@ class Rule:
                 for d in v) and list(v).count(-1) <= 1
             return None if ok else (f"must be a ('data', 'fsdp', 'tensor') shape of 3 integers "
                                     f">= 1 with at most one -1, e.g. (1, -1, 1) (got {v!r})")
+        if self.kind == "writers":
+            from dromedary_jax.training.metrics import writers_problem
+
+            return writers_problem(v)
         raise ValueError(f"unknown rule kind {self.kind!r}")
 
 
@@ -242,6 +253,7 @@ FINETUNE_RULES: dict[str, Rule] = {
     "eval.every_steps": Int(0), "eval.batch_size": Int(1), "eval.max_batches": Int(0),
     "metrics.log_every": Int(1), "metrics.tensorboard": BOOL, "metrics.progress": BOOL,
     "metrics.peak_flops": Float(0), "metrics.log_example_ids": BOOL,
+    "metrics.writers": Rule("writers"),
     "mesh.shape": Rule("mesh"),
     "debug.step_sleep_s": Float(0),
 }
