@@ -6,6 +6,7 @@ Public API (stable; outside code calls exactly these):
     model = dj.load_model(path, dtype="float32")   # HF folder, Meta folder, or our checkpoint
     dj.logits(model, input_ids)                     # int32 [B, T] -> float32 numpy [B, T, V]
     dj.save_hf(model, out_dir); dj.save_checkpoint(model, out_dir)
+    dj.save_peft_adapter(lora, model.config, out_dir, alpha=16.0)  # LoRA adapters as a PEFT folder
     tok = dj.load_tokenizer(path)
     dj.generate(model, prompt_ids, max_new_tokens=...)
     dj.generate_text(model, tok, prompts, max_new_tokens=...)
@@ -21,6 +22,7 @@ _API = {
     "load_model": "dromedary_jax.checkpoint",
     "save_hf": "dromedary_jax.checkpoint",
     "save_checkpoint": "dromedary_jax.checkpoint",
+    "save_peft_adapter": "dromedary_jax.checkpoint.peft_export",
     "logits": "dromedary_jax.model.llama",
     "Llama": "dromedary_jax.model.llama",
     "ModelConfig": "dromedary_jax.model.config",

@@ -1,14 +1,21 @@
 """Stand-alone supervised fine-tune from a config file.
 
-    python -m dromedary_jax.train --config configs/sft_tiny.py --workdir /tmp/sft \
-        --config.data.train_files=records.jsonl --config.tokenizer=tokenizer.model \
-        --config.train.learning_rate=1e-3
+    python -m dromedary_jax.train --config configs/sft_tiny.py --workdir DIR \\
+        --config.data.train_files=RECORDS.jsonl --config.tokenizer=TOKENIZER.model
+
+``RECORDS.jsonl``: JSON lines with "prompt" and "response" (several files: comma-separated, globs
+allowed); ``TOKENIZER.model``: a SentencePiece ``.model``, a ``tokenizer.json`` or a folder
+holding one. Both are required: a config file names none by default. Any other config value is
+overridden the same way (``--config.train.learning_rate=1e-3``, the device mesh
+``--config.mesh.shape=1,-1,1`` as data,fsdp,tensor with one -1); flags are absl's
+(``--name value`` or ``--name=value``).
 
 Model: ``model.checkpoint`` (a Hugging Face, Meta or dromedary_jax folder, read with
 ``dj.load_model``); when it is empty the ``model.preset`` is initialised RANDOMLY from
 ``model.seed`` (for demos and tests only). Rerunning the same command in the same workdir
 resumes from the newest checkpoint there. At the end the final weights (LoRA merged in) are
-exported to ``<workdir>/final`` (``export.format``: checkpoint | hf | none).
+exported to ``<workdir>/final`` (``export.format``: checkpoint | hf | none); a LoRA fine-tune
+also writes its adapters alone as a PEFT adapter folder ``<workdir>/adapter``.
 
 Before anything is loaded, every config value is checked (``training.config.validate``), the
 tokenizer, the data files and the model checkpoint must exist, and the workdir is locked (one run
@@ -36,21 +43,28 @@ def _define_flags(fv, argv) -> None:
 
 def build_model(cfg, mesh=None):
     """The model to fine-tune: a checkpoint folder, or a randomly initialised preset, placed on
-    ``mesh`` (needed with several processes: each host holds only its shards)."""
+    ``mesh`` (needed with several processes: each host holds only its shards), its weights in
+    ``checkpoint.dtypes.finetune_param_dtype`` (float32 masters for a full fine-tune; for LoRA
+    the frozen base in bfloat16 when ``model.dtype`` is bfloat16)."""
     from flax import nnx
 
+    from dromedary_jax.checkpoint.dtypes import finetune_param_dtype, stored_param_dtype
     from dromedary_jax.model.config import preset
     from dromedary_jax.model.llama import Llama
 
     mcfg = cfg.model
+    dtype = mcfg.get("dtype", "float32")
+    lora = bool(cfg.lora.enabled)
     if mcfg.get("checkpoint"):
         from dromedary_jax.checkpoint import load_model
 
-        model = load_model(mcfg.checkpoint, dtype=mcfg.get("dtype", "float32"), mesh=mesh)
+        param_dtype = finetune_param_dtype(dtype, lora=lora,
+                                           stored=stored_param_dtype(mcfg.checkpoint))
+        model = load_model(mcfg.checkpoint, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
         config = model.config.replace(remat=mcfg.get("remat", "none"))
         return Llama(config, params=model.params, mesh=model.mesh)
-    config = preset(mcfg.preset, dtype=mcfg.get("dtype", "float32"),
-                    remat=mcfg.get("remat", "none"))
+    config = preset(mcfg.preset, dtype=dtype, remat=mcfg.get("remat", "none"),
+                    param_dtype=finetune_param_dtype(dtype, lora=lora))
     return Llama(config, rngs=nnx.Rngs(int(mcfg.get("seed", 0))), mesh=mesh)
 
 
@@ -86,7 +100,9 @@ def check_inputs(cfg) -> None:
 def export(result, cfg, workdir: str, tokenizer=None) -> str | None:
     """The fine-tuned model as ``<workdir>/final`` (``export.format``), with ``tokenizer`` and the
     chat template of the meta-prompt it was trained under, so transformers' AutoTokenizer and
-    the eval CLI open the folder as it is."""
+    the eval CLI open the folder as it is. A LoRA fine-tune (``result.lora`` set) also gets its
+    adapters alone as a PEFT folder ``<workdir>/adapter`` (``pipeline.finetune.save_adapter``,
+    base ``model.checkpoint``), unless the format is none."""
     fmt = cfg.export.format
     out = os.path.join(workdir, "final")
     if fmt == "none":
@@ -110,6 +126,14 @@ def export(result, cfg, workdir: str, tokenizer=None) -> str | None:
 
             save_model_tokenizer(tokenizer, out, load_template(cfg.data.template,
                                                                 cfg.data.template_file))
+    if getattr(result, "lora", None) is not None:
+        from dromedary_jax.pipeline.finetune import ADAPTER_DIR, save_adapter
+        from dromedary_jax.training.examples import load_template
+
+        save_adapter(result.lora, cfg.lora, result.model.config, tokenizer,
+                     load_template(cfg.data.template, cfg.data.template_file),
+                     os.path.join(workdir, ADAPTER_DIR),
+                     base_model=cfg.model.get("checkpoint") or None, overwrite=True)
     return path
 
 
@@ -119,7 +143,7 @@ def main(argv=None) -> None:
     from absl import flags, logging
 
     argv = list(sys.argv if argv is None else argv)
-    fv = absl_cli_flags(argv, _define_flags)
+    fv = absl_cli_flags(argv, _define_flags, cli="train", usage=__doc__)
     if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax) only on request
         logging.set_verbosity(logging.WARNING)
     if fv.config is None:

@@ -128,3 +128,50 @@ def test_dry_run_mesh_error_suggests_devices():
     with pytest.raises(UserError, match=r"does not divide") as e:  # --devices given: no hint
         plan.print_dry_run(c, "", STAGES, devices=4)
     assert "--devices N" not in str(e.value)
+
+
+# ------------------------------------------------------------------ 5. weights per stage
+
+def _stage_gib(out: str, stage: str, what: str) -> float:
+    """The GiB of the dry run's weight line for ``stage`` that contains ``what``."""
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith(f"{stage}: ") and what in ln]
+    return float(line.rsplit(": ", 1)[1].split(" GiB")[0])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dry_run_weights_per_stage_follow_the_run_dtype(dtype, capsys):
+    from dromedary_jax.model.config import preset
+
+    c = load_config("llama2_7b")
+    c.model.dtype = dtype
+    plan.print_dry_run(c, "", STAGES + ["evaluate"], devices=1)
+    out = capsys.readouterr().out
+    n = preset("llama2-7b").num_params
+    item = 2 if dtype == "bfloat16" else 4
+    tol = 0.01  # the lines print 2 decimals
+    for stage in ("self_instruct", "self_align"):
+        assert abs(_stage_gib(out, stage, f"base model in {dtype}") - n * item / 2**30) < tol
+    # LoRA (llama2_7b's engraving): the frozen base as sampling holds it + float32 adapters with
+    # grads and Adam moments (16 bytes per trainable parameter)
+    t = c.engrave.train
+    n_lora = plan.lora_params(preset("llama2-7b"), t.lora.rank, t.lora.targets)
+    got = _stage_gib(out, "engrave", f"frozen base in {dtype}")
+    assert abs(got - (n * item + 16 * n_lora) / 2**30) < tol
+    # stage 4 samples the engraved model while the base stays loaded; stage 5 likewise
+    assert abs(_stage_gib(out, "verbose_clone", "sampling: engraved model") - 2 * n * item / 2**30) < tol
+    assert abs(_stage_gib(out, "evaluate", "scoring") - 2 * n * item / 2**30) < tol
+    if dtype == "bfloat16":  # the number issue 18 asks for: ~12.6 GiB, not 25.1
+        assert 12.4 < _stage_gib(out, "self_align", "base model") < 12.7
+
+
+def test_dry_run_full_fine_tune_counts_float32_masters(capsys):
+    from dromedary_jax.model.config import preset
+
+    c = load_config("llama2_7b")
+    c.engrave.train.lora.enabled = False
+    plan.print_dry_run(c, "", STAGES, devices=1)
+    out = capsys.readouterr().out
+    n = preset("llama2-7b").num_params
+    # float32 masters + grads + 2 Adam moments (16 B) + the float32 model it starts from (4 B)
+    assert abs(_stage_gib(out, "engrave", "full fine-tune: float32") - 20 * n / 2**30) < 0.01
+    assert abs(_stage_gib(out, "self_align", "base model in bfloat16") - 2 * n / 2**30) < 0.01

@@ -48,7 +48,8 @@ def test_parameter_and_optimizer_bytes_are_total_over_shards(plans):
     assert full.temp > 0 and full.peak == full.argument + full.output - full.alias + full.temp
 
     lora = plans["train/lora"]
-    assert lora.components["frozen base parameters"] == full.components["parameters (trainable, fp32)"]
+    # the frozen base is held as sampling holds it (checkpoint/dtypes.py): bf16 in this bf16 run
+    assert lora.components["frozen base parameters"] == 2 * (sharded // 8 + norms)
     assert lora.components["LoRA adapters"] < full.components["parameters (trainable, fp32)"] / 10
     assert lora.peak < full.peak
 

@@ -22,6 +22,9 @@ SLOW_TRAIN = ["--config.engrave.train.debug.step_sleep_s=0.7",
 def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    # no progress bars: these tests read stderr line by line (tests/test_progress_metrics.py
+    # checks the bars)
+    env["DROMEDARY_PROGRESS"] = "0"
     return env
 
 
@@ -60,7 +63,8 @@ def test_every_stage_writes_records_and_report(smoke_run):
     assert len(lines("verbose_clone", "kept.jsonl")) > 0
     assert len(lines("engrave", "train", "metrics.jsonl")) > 0
     for p in ("report.md", "training_curves.png", "engrave/model/dromedary_checkpoint.json",
-              "verbose_clone/model/dromedary_checkpoint.json", "verbose_clone/hf/config.json"):
+              "verbose_clone/model/dromedary_checkpoint.json", "verbose_clone/hf/config.json",
+              "engrave/adapter/adapter_config.json", "verbose_clone/adapter/adapter_config.json"):
         assert os.path.exists(os.path.join(wd, p)), p
     report = open(os.path.join(wd, "report.md")).read()
     assert "| verbose_clone | done |" in report and "Before / after alignment" in report
@@ -80,6 +84,45 @@ def test_final_hf_export_loads_in_transformers(smoke_run):
     with torch.no_grad():
         ref = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(dj.logits(ours, ids), ref, atol=1e-4, rtol=0)
+
+
+def test_lora_stages_write_their_trained_adapters_as_peft_folders(smoke_run):
+    """<stage>/adapter (PEFT adapter folder) holds the trained adapters: the base model plus
+    (lora_alpha / r) * lora_B @ lora_A is the merged model the stage saved in <stage>/model.
+    (tests/test_peft_export.py checks that PEFT loads such a folder.)"""
+    import importlib.util
+
+    from safetensors.numpy import load_file
+
+    from dromedary_jax.checkpoint.hf_mapping import hf_tensors_from_params
+    from dromedary_jax.pipeline.defaults import complete
+    from dromedary_jax.pipeline.resources import load_model_and_tokenizer
+
+    wd, _ = smoke_run
+    spec = importlib.util.spec_from_file_location("demo_cfg", os.path.join(ROOT, "configs", "demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = complete(mod.get_config("smoke"))
+    base, _ = load_model_and_tokenizer(config.model, seed=config.seed, workdir=wd)
+    c = base.config
+    base_hf = hf_tensors_from_params({k: np.asarray(v, np.float32) for k, v in base.params.items()}, c)
+    for stage in ("engrave", "verbose_clone"):
+        lora = config[stage].train.lora
+        with open(os.path.join(wd, stage, "adapter", "adapter_config.json")) as f:
+            acfg = json.load(f)
+        assert (acfg["r"], acfg["lora_alpha"], acfg["base_model_name_or_path"]) == (lora.rank, lora.alpha, None)
+        ad = load_file(os.path.join(wd, stage, "adapter", "adapter_model.safetensors"))
+        assert any(np.abs(v).max() > 0 for k, v in ad.items() if "lora_B" in k)  # trained, not the init
+        merged = hf_tensors_from_params(_params(os.path.join(wd, stage, "model")), c)
+        used = 0
+        for key, w in merged.items():
+            pre = "base_model.model." + key[: -len(".weight")]
+            want = base_hf[key]
+            if pre + ".lora_A.weight" in ad:
+                want = want + acfg["lora_alpha"] / acfg["r"] * (ad[pre + ".lora_B.weight"] @ ad[pre + ".lora_A.weight"])
+                used += 2
+            np.testing.assert_allclose(w, want, atol=1e-5, rtol=0, err_msg=f"{stage}: {key}")
+        assert used == len(ad) == 2 * len(lora.targets) * c.num_layers
 
 
 def test_second_run_skips_every_stage(smoke_run):
@@ -142,7 +185,7 @@ def _has_lines(path, n):
     return ready
 
 
-SKIP_DIRS = {"checkpoints", "tensorboard", "data", "tokenizer", "model", "hf"}  # compared apart
+SKIP_DIRS = {"checkpoints", "tensorboard", "data", "tokenizer", "model", "hf", "adapter"}  # compared apart
 
 
 def outputs(wd):

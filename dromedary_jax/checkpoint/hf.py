@@ -269,11 +269,14 @@ def _export_plan(c: ModelConfig):
     return plan
 
 
-def save_hf(model, out_dir: str, dtype: str = "float32", *,
+def save_hf(model, out_dir: str, dtype: str | None = None, *,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> list[str]:
     """Write ``model`` as a Hugging Face LlamaForCausalLM folder; returns the weight files.
 
-    ``dtype``: storage dtype (float32, bfloat16 or float16). Weights go to
+    ``dtype``: storage dtype (float32, bfloat16 or float16) of every tensor, recorded as the
+    config's ``torch_dtype``; None (default): the model's compute dtype
+    (``model.config.dtype``, ``checkpoint.dtypes.export_dtype``), so a bfloat16 run exports
+    bfloat16 and a float32 run float32, whatever dtype the weights are held in. Weights go to
     ``model.safetensors``, or to ``model-0000x-of-0000y.safetensors`` plus
     ``model.safetensors.index.json`` when they exceed ``max_shard_bytes``. Each HF tensor (one
     layer of one projection) is gathered to the host on its own.
@@ -287,6 +290,11 @@ def save_hf(model, out_dir: str, dtype: str = "float32", *,
     from dromedary_jax.output_paths import check_out_dir, folder_arg, is_nonempty_dir, make_out_dir
     from dromedary_jax.checkpoint.orbax_io import MARKER
 
+    if dtype is None:
+        from dromedary_jax.checkpoint.dtypes import export_dtype
+
+        config = getattr(model, "config", None)
+        dtype = export_dtype(config.dtype) if isinstance(config, ModelConfig) else "float32"
     if dtype not in STORAGE_DTYPES:
         raise UserError(f"save_hf dtype={dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
     if max_shard_bytes <= 0:

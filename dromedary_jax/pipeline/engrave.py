@@ -5,7 +5,8 @@ q/k/v/o, lr 4e-4, 1 epoch, 512 tokens, held-out split); ``engrave.train.lora.ena
 fine-tunes every weight.
 
 Outputs in ``<workdir>/engrave/``: sft_train.jsonl / sft_heldout.jsonl, train/ (Orbax checkpoints,
-metrics.jsonl, TensorBoard events) and model/ (the engraved model, adapters merged).
+metrics.jsonl, TensorBoard events), model/ (the engraved model, adapters merged) and, for LoRA,
+adapter/ (the adapters alone as a PEFT adapter folder for the base model).
 A killed run resumes from its last training checkpoint.
 """
 from __future__ import annotations
@@ -97,9 +98,9 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
         return stage.manifest()["counts"]
     stage.open()
     files, n_train, n_held = write_sft_files(stage, examples, e.heldout_fraction, config.seed)
-    model, tokenizer = res.model_and_tokenizer
+    model, tokenizer = res.finetune_model_and_tokenizer(e.train)
     metrics = finetune_and_save(stage, train_config(e.train, template), model, tokenizer, files,
-                                n_held)
+                                n_held, base_model=config.model.checkpoint or None)
     counts = {"examples": len(examples), "train": n_train, "heldout": n_held,
               **{k: v for k, v in metrics.items() if k not in ("metrics", "model")}}
     stage.write_manifest(counts, {"model": metrics["model"], "metrics": metrics["metrics"],

@@ -205,7 +205,7 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
         if name == "base":
             model, tokenizer = res.model_and_tokenizer
         else:
-            _, tokenizer = res.model_and_tokenizer
+            tokenizer = res.tokenizer
             model = load_run_model(config.model, model_path(config, workdir, name))
         print(f"[{STAGE}] {name}: scoring "
               + ", ".join(f"{k} ({len(v)} questions)" for k, v in benchmarks.items()), flush=True)

@@ -12,6 +12,7 @@ from dromedary_jax.pipeline import data as D
 from dromedary_jax.pipeline.records import StageDir, stable_int, write_jsonl_atomic
 
 MODEL_MARKER = "dromedary_checkpoint.json"  # written last by save_checkpoint
+ADAPTER_DIR = "adapter"  # a LoRA fine-tune's PEFT adapter folder, next to its merged model
 
 
 def question_text(row: Mapping) -> str:
@@ -67,6 +68,48 @@ def save_model_tokenizer(tokenizer, folder: str, meta_prompt: str) -> None:
                    chat_template=chat_template(meta_prompt, bool(getattr(tokenizer, "add_bos", True))))
 
 
+def save_adapter(lora, lora_cfg, model_config, tokenizer, meta_prompt: str, out_dir: str, *,
+                 base_model: str | None = None, hosts=None, overwrite: bool = False) -> str | None:
+    """A LoRA fine-tune's adapters as a PEFT adapter folder ``out_dir`` (``adapter_config.json``
+    + ``adapter_model.safetensors``, see ``checkpoint.peft_export``) with the tokenizer and chat
+    template of ``meta_prompt`` (:func:`save_model_tokenizer`; none when ``tokenizer`` is None);
+    returns ``out_dir``, or None (nothing written) when ``lora`` is None (a full fine-tune).
+
+    ``lora_cfg``: the fine-tune's ``lora`` section (``alpha``, ``dropout``). ``base_model``: the
+    base checkpoint the adapters apply to (a local path is made absolute), recorded as
+    ``base_model_name_or_path``; None for a randomly initialised preset. Written into
+    ``out_dir + ".tmp"`` and renamed into place, so a kill never leaves half a folder; a finished
+    folder is kept unless ``overwrite``. Every process calls this (adapters are gathered);
+    process 0 writes."""
+    import shutil
+
+    from dromedary_jax.checkpoint.peft_export import CONFIG_FILE, save_peft_adapter
+    from dromedary_jax.pipeline.records import Hosts
+
+    if lora is None:
+        return None
+    hosts = hosts or Hosts.from_jax()
+    if os.path.exists(os.path.join(out_dir, CONFIG_FILE)) and not overwrite:
+        return out_dir
+    if base_model and os.path.exists(base_model):
+        base_model = os.path.abspath(base_model)
+    tmp = out_dir + ".tmp"
+    if hosts.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    hosts.barrier(f"{out_dir}-adapter-start")
+    save_peft_adapter(lora, model_config, tmp, alpha=float(lora_cfg.alpha),
+                      dropout=float(lora_cfg.get("dropout", 0.0)),
+                      base_model_name_or_path=base_model or None)
+    if hosts.is_main:
+        if tokenizer is not None:
+            save_model_tokenizer(tokenizer, tmp, meta_prompt)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    hosts.barrier(f"{out_dir}-adapter-done")
+    return out_dir
+
+
 def split_heldout(rows: Sequence[Mapping], fraction: float, seed: int):
     """Deterministic split by a hash of (seed, id): the same id always lands on the same side."""
     if not 0 <= fraction < 1:
@@ -104,9 +147,14 @@ def train_config(section, template: str):
 
 
 def finetune_and_save(stage: StageDir, train_cfg, model, tokenizer, files: Mapping[str, str],
-                      n_heldout: int) -> dict:
+                      n_heldout: int, base_model: str | None = None) -> dict:
     """Fine-tune (resuming from ``<stage>/train/checkpoints`` if a run was interrupted) and save
-    the final weights to ``<stage>/model``; returns metrics for the manifest."""
+    the final weights to ``<stage>/model``, and for a LoRA fine-tune the adapters alone as a PEFT
+    folder ``<stage>/adapter`` (:func:`save_adapter`; ``base_model``: the base checkpoint path,
+    None for a random preset); returns metrics for the manifest. ``model`` comes in the dtype
+    ``resources.finetune_param_dtype`` gives (float32 masters for a full fine-tune, the frozen
+    base as sampling holds it for LoRA); ``<stage>/model`` is saved in the dtype the trainer
+    returns (``training.loop.final_params``: a LoRA merge of a bfloat16 run is bfloat16)."""
     import dromedary_jax as dj
     from dromedary_jax import training
     from dromedary_jax.training.config import config_path
@@ -120,5 +168,8 @@ def finetune_and_save(stage: StageDir, train_cfg, model, tokenizer, files: Mappi
     if stage.hosts.is_main:
         save_model_tokenizer(tokenizer, model_dir, train_cfg.data.template)
     stage.hosts.barrier(f"{stage.stage}-tokenizer")
+    save_adapter(result.lora, train_cfg.lora, result.model.config, tokenizer,
+                 train_cfg.data.template, stage.file(ADAPTER_DIR), base_model=base_model,
+                 hosts=stage.hosts)
     return {"train_steps": result.step, "final_train_loss": result.final_loss,
             "heldout_loss": result.eval_loss, "metrics": result.metrics_path, "model": model_dir}

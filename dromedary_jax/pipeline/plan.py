@@ -1,5 +1,6 @@
 """``python -m dromedary_jax.run --dry_run``: the resolved config, the mesh, parameter and per-device
-memory estimates, and the stage plan, without loading weights or running anything.
+memory estimates (the weights each stage holds, in the dtypes ``checkpoint.dtypes`` gives it, and
+the sampler's KV cache), and the stage plan, without loading weights or running anything.
 
 The memory numbers here are analytical (bytes per parameter / per cached token divided over the
 mesh axes that shard them); ``python -m dromedary_jax.plan`` compiles the real steps instead.
@@ -58,33 +59,121 @@ def mesh_shape(model_cfg, num_devices: int):
     return dict(zip(MESH_AXES, resolve_mesh_shape(shape, num_devices)))
 
 
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f} GiB"
+
+
+def _nbytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def lora_params(c: ModelConfig, rank: int, targets) -> int:
+    """Trainable LoRA parameters: rank x (fan_in + fan_out) per targeted projection and layer."""
+    per_layer = {"wq": c.hidden_size + c.num_heads * c.head_dim,
+                 "wk": c.hidden_size + c.num_kv_heads * c.head_dim,
+                 "wv": c.hidden_size + c.num_kv_heads * c.head_dim,
+                 "wo": c.num_heads * c.head_dim + c.hidden_size,
+                 "w_gate": c.hidden_size + c.intermediate_size,
+                 "w_up": c.hidden_size + c.intermediate_size,
+                 "w_down": c.intermediate_size + c.hidden_size}
+    return c.num_layers * int(rank) * sum(per_layer[k] for k in targets)
+
+
+def stage_weights(c: ModelConfig, config, stages=None) -> list[tuple[str, str, int]]:
+    """(stage, what, bytes) of the model weights (and, for a fine-tune, its train state) each
+    stage holds at its peak, in the dtypes the run holds them in (``checkpoint.dtypes``, as
+    ``resources`` loads them): sampling stages in ``sampling_param_dtype``, fine-tunes float32
+    masters (full) or the frozen base as sampling holds it + float32 adapters (LoRA). Counts the
+    worst case of one process running every stage in order (the base model stays loaded while
+    stage 4 samples the engraved model and stage 5 scores the others); a last ``report`` entry
+    (when stage 4 runs and ``report.num_samples`` > 0) for the report's before/after samples.
+    Activations and KV caches are not included."""
+    from dromedary_jax.checkpoint import dtypes
+    from dromedary_jax.errors import UserError
+    from dromedary_jax.pipeline import resources
+
+    m = config.model
+    n = c.num_params
+    stages = list(stages) if stages is not None else [
+        "self_instruct", "self_align", "engrave", "verbose_clone", "evaluate"]
+    try:
+        stored = resources.stored_param_dtype_of(m)
+        scripted = resources.model_kind(m) == "scripted"
+    except UserError:  # no model set: the compute dtype decides
+        stored, scripted = None, False
+    samp = dtypes.sampling_param_dtype(c.dtype, stored)
+
+    def fine_tune(stage):
+        """(what, bytes, dtype of the base it holds, dtype of the model it saves)"""
+        t = config[stage].train
+        lora = bool(t.lora.enabled)
+        base = dtypes.finetune_param_dtype(c.dtype, lora=lora, stored=stored)
+        if lora:
+            r = int(t.lora.rank)
+            n_lora = lora_params(c, r, t.lora.targets)
+            what = (f"LoRA r={r} ({n_lora / 1e6:.1f}M trainable): frozen base in {base} "
+                    f"{_gib(n * _nbytes(base))} + float32 adapters, grads and 2 Adam moments "
+                    f"{_gib(16 * n_lora)}")
+            return what, n * _nbytes(base) + 16 * n_lora, base, dtypes.merged_param_dtype(c.dtype, base)
+        what = (f"full fine-tune: {base} master weights, grads and 2 Adam moments "
+                f"{_gib(16 * n)} + the {base} model it starts from {_gib(4 * n)}")
+        return what, 20 * n, base, base
+
+    def sampled(name):  # the dtype a stage's saved model is sampled / scored in
+        if name == "base":
+            return samp
+        return dtypes.sampling_param_dtype(c.dtype, fine_tune(name)[3])
+
+    def size(dtype):
+        return n * _nbytes(dtype) if dtype else 0
+
+    out = []
+    held = None  # the base model's dtype as the previous stage left it (None: not loaded)
+    for stage in stages:
+        if stage in ("self_instruct", "self_align"):
+            if scripted:
+                out.append((stage, "scripted generator: no model weights", 0))
+                continue
+            out.append((stage, f"sampling: base model in {samp}", size(samp)))
+            held = samp
+        elif stage in ("engrave", "verbose_clone"):
+            what, nbytes, base, _ = fine_tune(stage)
+            if stage == "verbose_clone" and not scripted:
+                eng = sampled("engrave")
+                kept = f" + the base kept in {held}" if held else ""
+                out.append((stage, f"sampling: engraved model in {eng}{kept}",
+                            size(eng) + size(held)))
+                what = "then " + what
+            out.append((stage, what, nbytes))
+            held = base
+        elif stage == "evaluate":
+            peak, parts = 0, []
+            for name in config.evaluate.models:  # one at a time; the base stays loaded
+                if name == "base":
+                    held = samp
+                    peak = max(peak, size(samp))
+                else:
+                    peak = max(peak, size(sampled(name)) + size(held))
+                parts.append(f"{name} {sampled(name)}")
+            kept = f"; the base stays loaded in {held}" if held else ""
+            out.append((stage, f"scoring one model at a time ({', '.join(parts)}){kept}", peak))
+    if ("verbose_clone" in stages and not scripted and int(config.report.num_samples) > 0):
+        out.append(("report", f"samples: base in {samp} + final model in "
+                    f"{sampled('verbose_clone')}", size(samp) + size(sampled("verbose_clone"))))
+    return out
+
+
 def memory_lines(c: ModelConfig, mesh: dict | None, config,
-                 prompt_len: tuple[int, bool] | None = None) -> list[str]:
-    """``prompt_len``: (principle-prompt tokens, exact?) from :func:`prompt_tokens`."""
+                 prompt_len: tuple[int, bool] | None = None, stages=None) -> list[str]:
+    """``prompt_len``: (principle-prompt tokens, exact?) from :func:`prompt_tokens`; ``stages``:
+    the stages to list (default all)."""
     n = c.num_params
     shard = (mesh["fsdp"] * mesh["tensor"]) if mesh else 1
-    pbytes = 4 if c.param_dtype == "float32" else 2
-    lines = [f"parameters: {n / 1e9:.3f} B ({n * pbytes / GiB:.2f} GiB in {c.param_dtype}); "
-             f"per device {n * pbytes / shard / GiB:.2f} GiB (sharded over fsdp x tensor = {shard})"]
-    for stage in ("engrave", "verbose_clone"):
-        t = config[stage].train
-        if t.lora.enabled:
-            r = int(t.lora.rank)
-            per_layer = {"wq": c.hidden_size + c.num_heads * c.head_dim,
-                         "wk": c.hidden_size + c.num_kv_heads * c.head_dim,
-                         "wv": c.hidden_size + c.num_kv_heads * c.head_dim,
-                         "wo": c.num_heads * c.head_dim + c.hidden_size,
-                         "w_gate": c.hidden_size + c.intermediate_size,
-                         "w_up": c.hidden_size + c.intermediate_size,
-                         "w_down": c.intermediate_size + c.hidden_size}
-            n_lora = c.num_layers * r * sum(per_layer[k] for k in t.lora.targets)
-            state = n * pbytes + 16 * n_lora
-            what = f"LoRA r={r} ({n_lora / 1e6:.1f}M trainable)"
-        else:
-            state = 16 * n
-            what = "full fine-tune (fp32 params + grads + 2 Adam moments)"
-        lines.append(f"{stage} train state: {what}: {state / GiB:.2f} GiB, per device "
-                     f"{state / shard / GiB:.2f} GiB (+ activations)")
+    lines = [f"parameters: {n / 1e9:.3f} B ({_gib(4 * n)} in float32, {_gib(2 * n)} in bfloat16); "
+             f"weights per device are sharded over fsdp x tensor = {shard}",
+             f"weights held per stage (model.dtype {c.dtype}; activations and caches not included):"]
+    for stage, what, nbytes in stage_weights(c, config, stages):
+        lines.append(f"  {stage}: {what}: {_gib(nbytes)}, per device {_gib(nbytes / shard)}")
     prefix_len, exact = prompt_len if prompt_len is not None else (2048, False)
     suffix_len = suffix_tokens_estimate(config)
     kv = kv_cache_estimate(c, mesh, batch=int(config.model.batch_size), prefix_len=prefix_len,
@@ -174,13 +263,17 @@ def stage_plan(config, workdir: str, stages) -> list[str]:
         "verbose_clone": lambda: (f"T={config.verbose_clone.temperature} top_p={config.verbose_clone.top_p} "
                                   f"{config.verbose_clone.max_new_tokens} tokens; then "
                                   + _train_note(config.verbose_clone.train)),
+        "evaluate": lambda: (f"models {list(config.evaluate.models)}: TruthfulQA "
+                             f"{'on' if config.evaluate.truthfulqa else 'off'}, HHH "
+                             f"{'on' if config.evaluate.hhh else 'off'}"),
     }
     out = []
     for i, name in enumerate(stages, 1):
         state = stage_status(config, workdir, name)
         status = {"done": "done (skip)", "changed": "done, but the config changed: refused unless "
                   "--config.overwrite/force"}.get(state, state)
-        out.append(f"{i}. {name:14s} [{status}] {notes[name]()}")
+        note = notes.get(name)
+        out.append(f"{i}. {name:14s} [{status}] {note() if note else ''}".rstrip())
     return out
 
 
@@ -224,7 +317,7 @@ def print_dry_run(config, workdir: str, stages, devices: int = 0) -> None:
     print(f"== model: {origin}")
     if c is not None:
         plen = prompt_tokens(config, rendered) if rendered is not None else None
-        for line in memory_lines(c, mesh, config, plen):
+        for line in memory_lines(c, mesh, config, plen, stages):
             print("   " + line)
     print("== stage plan" + (f" in {workdir}" if workdir else ""))
     for line in stage_plan(config, workdir, stages):

@@ -54,8 +54,9 @@ def _fmt(v) -> str:
 
 
 def sample_answers(config, workdir: str, res) -> list[tuple[str, str, str]]:
-    """(question, base answer, final answer) for a few red-teaming seed questions."""
-    from dromedary_jax.pipeline.resources import model_kind
+    """(question, base answer, final answer) for a few red-teaming seed questions (both models'
+    weights held as sampling holds them: ``resources.sampling_param_dtype``)."""
+    from dromedary_jax.pipeline.resources import model_kind, sampling_param_dtype
 
     n = int(config.report.num_samples)
     final_dir = os.path.join(workdir, "verbose_clone", "model")
@@ -73,7 +74,8 @@ def sample_answers(config, workdir: str, res) -> list[tuple[str, str, str]]:
                              "verbose_clone.distill_template", assistant)
     prompts = [template.replace("{prompt}", q["question"]) for q in questions]
     base, tok = res.model_and_tokenizer
-    final = dj.load_model(final_dir, dtype=config.model.dtype)
+    final = dj.load_model(final_dir, dtype=config.model.dtype,
+                          param_dtype=sampling_param_dtype(config.model, final_dir))
     kw = dict(max_new_tokens=int(config.report.max_new_tokens), stop=("\nUser:",), progress=False)
     before = dj.generate_text(base, tok, prompts, **kw)
     after = dj.generate_text(final, tok, prompts, **kw)

@@ -87,7 +87,7 @@ def filter_records(recs, assistant, v) -> list[dict]:
 def engraved_generator(config, workdir: str, res: Resources):
     if model_kind(config.model) == "scripted":
         return res.generator
-    _, tokenizer = res.model_and_tokenizer
+    tokenizer = res.tokenizer
     model = load_run_model(config.model, os.path.join(workdir, "engrave", "model"))
     return model_generator(model, tokenizer, config.model)
 
@@ -174,8 +174,9 @@ def run(config, workdir: str, resources: Resources | None = None) -> dict:
                         f"see {stage.path}/funnel.md (a tiny random model may need "
                         f"--config.verbose_clone.min_answer_chars=0)")
     files, n_train, n_held = write_sft_files(stage, kept, v.heldout_fraction, config.seed)
-    base, tokenizer = res.model_and_tokenizer
-    metrics = finetune_and_save(stage, train_config(v.train, distill), base, tokenizer, files, n_held)
+    base, tokenizer = res.finetune_model_and_tokenizer(v.train)
+    metrics = finetune_and_save(stage, train_config(v.train, distill), base, tokenizer, files, n_held,
+                                base_model=config.model.checkpoint or None)
     outputs = {"model": metrics["model"], "metrics": metrics["metrics"], "kept": stage.file("kept.jsonl"), **files}
     if v.export_hf:
         # on the run's mesh and dtype (a 65B model does not fit one chip); save_hf gathers per tensor

@@ -6,7 +6,8 @@ What it does, in order:
      ``max_seq_len``, batch splits over the processes);
   2. prepares the JSONL files into an ArrayRecord dataset under ``<workdir>/data`` (reused);
   3. builds the mesh (``mesh`` argument, else the model's, else ``cfg.mesh.shape``), the
-     optimizer, the train state (full parameters or LoRA adapters) and the jit'ed steps;
+     optimizer, the train state (full parameters as float32 masters, or float32 LoRA adapters
+     over the frozen base in the dtype the model holds it) and the jit'ed steps;
   4. resumes from the newest checkpoint in ``<workdir>/checkpoints`` when there is one (or from
      ``checkpoint.resume_from``): parameters, optimizer state, step, rng and the data iterator,
      restored onto the CURRENT mesh;
@@ -15,11 +16,16 @@ What it does, in order:
      and at the end (keep the last ``checkpoint.keep``); the metrics up to a checkpoint are on
      disk before it is saved, and a resumed run rewrites the lines after its step, so a killed
      and resumed run ends with the metrics of an uninterrupted one;
-  6. returns a :class:`TrainResult` with the final parameters (LoRA merged in).
+  6. returns a :class:`TrainResult` with the final parameters (LoRA merged in: float32 for
+     float32 compute, else in the base's dtype; see :func:`final_params`).
 
 Throughput: ``tokens_per_s`` counts every position of every row (padding included, it is
 computed); ``mfu`` = tokens_per_s * ``ModelConfig.flops_per_token(seq_len, training=True)`` /
-(``metrics.peak_flops`` * devices), with 2/3 of those FLOPs for LoRA (no weight gradients).
+(peak * devices), with 2/3 of those FLOPs for LoRA (no weight gradients). The per-device peak is
+``metrics.peak_flops`` when set, else looked up from the device kind
+(``training.metrics.PEAK_FLOPS``: TPU v2-v6e, A100, H100, H200, L4, ...); on an unknown device
+(CPU) one log line says MFU is not reported and how to set the peak. The progress bar (process
+0, ``metrics.progress``) shows steps with an ETA, the loss and tokens/s.
 """
 from __future__ import annotations
 
@@ -34,15 +40,17 @@ import jax
 import jax.numpy as jnp
 
 from dromedary_jax import sharding as shd
+from dromedary_jax.checkpoint.dtypes import merged_param_dtype
 from dromedary_jax.errors import UserError
 from dromedary_jax.jsonl import AppendLog, read_json, read_log, write_json_atomic
 from dromedary_jax.model.llama import Llama, param_shardings
+from dromedary_jax.progress import progress_bar
 from dromedary_jax.training import dataset as ds_lib
 from dromedary_jax.training import examples as ex_lib
 from dromedary_jax.training import lora as lora_lib
 from dromedary_jax.training import step as step_lib
 from dromedary_jax.training.config import validate, with_defaults
-from dromedary_jax.training.metrics import MetricsWriter
+from dromedary_jax.training.metrics import MetricsWriter, resolve_peak_flops
 from dromedary_jax.training.optimizer import make_optimizer
 
 log = logging.getLogger("dromedary_jax.training")
@@ -83,7 +91,10 @@ def _check_config(cfg, model_config, tokenizer, process_count: int) -> None:
 
 
 def _run_info(cfg, model_config, data: ds_lib.PreparedData, total_steps: int) -> dict:
-    model_hash = hashlib.sha256(repr(model_config).encode()).hexdigest()[:16]
+    # the dtype the base is held in does not change the train state (float32 masters or
+    # adapters): a run resumes whichever dtype its frozen base is loaded in
+    model_hash = hashlib.sha256(repr(model_config.replace(param_dtype="float32"))
+                                .encode()).hexdigest()[:16]
     return {"data_fingerprint": data.fingerprint, "total_steps": total_steps,
             "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
             "max_len": int(cfg.data.max_len), "pack": bool(cfg.data.pack),
@@ -99,8 +110,10 @@ def _check_run_info(workdir: str, info: dict) -> None:
         old = old if isinstance(old, dict) else {}
         diff = sorted(k for k in info if old.get(k) != info[k])
         if diff:
+            changes = "; ".join(f"{k}: {old[k]!r} -> {info[k]!r}" if k in old
+                                else f"{k}: (not recorded) -> {info[k]!r}" for k in diff)
             raise UserError(f"{workdir} holds checkpoints of a different run (differs in: "
-                            f"{', '.join(diff)}); use a new workdir")
+                            f"{changes}); use a new workdir")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -221,11 +234,15 @@ def _total_steps(cfg, data: ds_lib.PreparedData, host_rows: int, pcount: int):
 
 def _trainables(cfg, model: Llama, mesh):
     """(trainable, its shardings, frozen, its shardings, lora scale) on ``mesh``: the full
-    parameters (frozen = {}) or fresh LoRA adapters (frozen = the base parameters)."""
+    parameters as float32 masters (frozen = {}; a bfloat16-held model is upcast, exactly), or
+    fresh float32 LoRA adapters (frozen = the base parameters, in the dtype the model holds
+    them: ``checkpoint.dtypes.finetune_param_dtype`` says which the callers load)."""
     mc = model.config
     base_sh = param_shardings(mc, mesh)
     base = {k: jax.device_put(v, base_sh[k]) for k, v in model.params.items()}
     if not cfg.lora.enabled:
+        base = {k: v if v.dtype == jnp.float32 else v.astype(jnp.float32)
+                for k, v in base.items()}
         return base, base_sh, {}, {}, 1.0
     rank, targets = int(cfg.lora.rank), tuple(cfg.lora.targets)
     adapters = lora_lib.init_lora(mc, rank, targets, int(cfg.train.seed), mesh)
@@ -331,17 +348,28 @@ def run_sft(cfg, model: Llama, tokenizer, train_files: Sequence[str] | str | Non
     finally:
         mngr.close()
 
-    if is_lora:
-        adapters = state["params"]
-        final = lora_lib.merge_lora(frozen, adapters, scale)
-    else:
-        adapters, final = None, state["params"]
+    adapters = state["params"] if is_lora else None
+    mc, final = final_params(mc, frozen if is_lora else state["params"], adapters, scale)
     return TrainResult(
         params=final, lora=adapters, model=Llama(mc, params=final, mesh=mesh), step=total_steps,
         final_loss=last_loss, eval_loss=eval_loss, workdir=workdir,
         metrics_path=os.path.join(workdir, "metrics.jsonl"),
         tensorboard_dir=os.path.join(workdir, "tensorboard"),
         checkpoint_dir=os.path.join(workdir, "checkpoints"), data=data)
+
+
+def final_params(config, params, lora=None, lora_scale: float = 1.0):
+    """(config, parameters) a fine-tune returns: ``params`` (a full fine-tune's float32 masters),
+    or for LoRA the adapters merged into the frozen base ``params`` in
+    ``checkpoint.dtypes.merged_param_dtype`` (float32 for float32 compute, else the base's
+    dtype); the config's ``param_dtype`` says the dtype they are held in (a saved checkpoint
+    records it)."""
+    if lora is not None:
+        merged = merged_param_dtype(config.dtype, str(jnp.dtype(params["embed"].dtype)))
+        if any(v.dtype != jnp.dtype(merged) for v in params.values()):
+            params = {k: v.astype(merged) for k, v in params.items()}
+        params = lora_lib.merge_lora(params, lora, lora_scale)
+    return config.replace(param_dtype=str(jnp.dtype(params["embed"].dtype))), params
 
 
 def _train_loop(cfg, state, it, train_fn, frozen, evaluate, mngr, workdir: str, *, mesh,
@@ -358,20 +386,24 @@ def _train_loop(cfg, state, it, train_fn, frozen, evaluate, mngr, workdir: str, 
     global_rows = int(cfg.train.batch_size)
     start = int(jax.device_get(state["step"]))
     writer = MetricsWriter(workdir, enabled=pidx == 0, tensorboard=bool(cfg.metrics.tensorboard),
-                           resume_step=start)
+                           resume_step=start, writers=tuple(cfg.metrics.writers),
+                           run_config=cfg.to_dict())
     ids_log = None
     if cfg.metrics.log_example_ids:
         ids_log = AppendLog(os.path.join(workdir, f"examples_seen-{pidx}.jsonl"),
                             keep=lambda r: int(r.get("step", 0)) <= start)
-    peak = float(cfg.metrics.peak_flops) * jax.device_count()
+    peak_per_device, peak_note = resolve_peak_flops(float(cfg.metrics.peak_flops),
+                                                    jax.devices()[0].device_kind)
+    if pidx == 0:
+        log.info("%s", peak_note)
+    peak = (peak_per_device or 0.0) * jax.device_count()
     every_ckpt, every_eval = int(cfg.checkpoint.every_steps), int(cfg.eval.every_steps)
     log_every = max(1, int(cfg.metrics.log_every))
-    pbar = None
-    if pidx == 0 and cfg.metrics.progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=total_steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
+    # process 0: steps done / total (the ETA), loss and tokens/s of the last logged steps
+    pbar = progress_bar(total_steps, initial=start, desc="sft", unit="step",
+                        show=bool(cfg.metrics.progress))
     pending: list = []
+    shown: dict = {}  # the bar's postfix: loss, tok/s
     timing = {"mark": None, "steps": start}
     last_loss = eval_loss = None
     last_saved = start if resumed_here else None
@@ -395,7 +427,10 @@ def _train_loop(cfg, state, it, train_fn, frozen, evaluate, mngr, workdir: str, 
         last_loss = float(fetched[-1]["loss"])
         pending = []
         if pbar is not None:
-            pbar.set_postfix(loss=f"{last_loss:.4f}")
+            shown["loss"] = f"{last_loss:.4f}"
+            if "tokens_per_s" in fetched[-1]:
+                shown["tok/s"] = f"{fetched[-1]['tokens_per_s']:,.0f}"
+            pbar.set_postfix(shown, refresh=False)
 
     def save(done: int) -> None:
         writer.sync()
