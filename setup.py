@@ -27,11 +27,16 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch only for reading Meta .pth checkpoints and for side-by-side tests/benchmarks.
     "convert": ["torch==2.13.0", "transformers>=5.0,<6"],
+    # lm-evaluation-harness backend (python -m dromedary_jax.lm_eval; it uses harness internals,
+    # hence the narrow range)
+    "lm_eval": ["lm-eval>=0.4.13,<0.5"],
     "test": [
         "pytest>=8",
         "torch==2.13.0",
         "transformers>=5.0,<6",
         "accelerate>=1.15,<2",  # transformers needs it to load a .gguf (tests/test_gguf.py)
+        "peft>=0.21,<0.22",  # loads our exported LoRA adapters (tests/test_peft_export.py)
+        "lm-eval>=0.4.13,<0.5",  # the harness our backend plugs into (tests/test_lm_eval_backend.py)
         "rouge_score==0.1.2",
         "nbformat>=5.10",
         "nbclient>=0.10",
@@ -57,5 +62,6 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     install_requires=INSTALL_REQUIRES,
+    entry_points={"console_scripts": ["dromedary-lm-eval = dromedary_jax.lm_eval:main"]},
     extras_require=EXTRAS,
 )
