@@ -9,6 +9,10 @@ strings the whole generation is one device call; with stop strings it runs in ch
 ``stop_strings``). A run therefore compiles one prefill and one decode program per
 (prompt bucket, generation bucket, batch size, static sampling settings).
 
+That is the "static" engine. ``engine="continuous"`` (:mod:`dromedary_jax.sampling.engine`)
+keeps ``batch_size`` decode slots instead and refills a finished row's slot with the next prompt,
+so no slot idles while a batch's longest row finishes; it gives the same tokens.
+
 Randomness: row ``i`` at step ``t`` draws with ``fold_in(fold_in(key(seed), ids[i]), t)``, so an
 example gives the same text whatever batch it lands in and whatever the batch size.
 ``ids`` default to the position in the list; with several processes pass explicit, globally
@@ -31,6 +35,7 @@ from dromedary_jax.model.llama import LAYER_KEYS
 from dromedary_jax.progress import TokenProgress
 from dromedary_jax.sampling.buckets import bucket, round_up
 from dromedary_jax.sampling.decode_loop import LoopSpec, decode, prefill
+from dromedary_jax.sampling.engine import check_engine, run_engine
 from dromedary_jax.sampling.host import global_max, local_rows, to_device
 from dromedary_jax.sampling.prefix_cache import (
     PrefixCache,
@@ -364,10 +369,12 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                 row_ids: np.ndarray, prefix: PrefixState | None = None, batch_size: int = 32,
                 is_stopped: Callable[[int, list[int]], bool] | None = None,
                 stop_check_every: int = 16, progress: bool | None = None,
-                compile_only: bool = False) -> list[list[int]]:
+                compile_only: bool = False, stats: dict | None = None) -> list[list[int]]:
     """The batching loop behind ``generate``: new tokens per prompt (EOS excluded). Its
     arguments are already checked (``generate`` / ``generate_text``: prompts, settings, batch
-    size, length). ``compile_only``: compile the programs the call needs, run nothing, return []."""
+    size, length). ``compile_only``: compile the programs the call needs, run nothing, return [].
+    ``stats``: a dict that gets ``slot_steps`` (rows x steps run, pad rows included) and
+    ``tokens`` (tokens returned), as :func:`~dromedary_jax.sampling.engine.run_engine` counts."""
     if prefix is not None and not prefix.matches(model):
         raise UserError("shared_prefix was prefilled with different model weights or config; "
                         "prefill it again for this model")
@@ -392,6 +399,8 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     n_batches = math.ceil(n_all / B) if n_all else 0
     bar, own_bar = (None, False) if compile_only else _progress_bar(progress, n, n_batches)
     compiled = set()
+    st = stats if stats is not None else {}
+    st.update(slot_steps=0, tokens=0)
     for b in range(n_batches):
         idx = order[b * B:(b + 1) * B]
         rows = [prompts[i] for i in idx]
@@ -424,8 +433,10 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                     sh = state["done"].sharding if model.mesh is not None else None
                     state = dict(state, done=to_device(done, sh))
         toks, nv = local_rows(state["tokens"]), local_rows(state["n_valid"])
+        st["slot_steps"] += B * int(state["t"])
         for i, j in enumerate(idx):
             results[j] = toks[i, :nv[i]].tolist()
+            st["tokens"] += len(results[j])
         if bar is not None:
             bar.update(len(idx), sum(int(nv[i]) for i in range(len(idx))))
     if bar is not None and own_bar:
@@ -468,7 +479,8 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0
              top_p: float = 1.0, top_k: int = 0, eos_id=None, seed: int = 0, ids=None,
              logit_bias: Mapping[int, float] | None = None, ngram_penalties=(),
              shared_prefix=None, prefix_cache: PrefixCache | None = None, batch_size: int = 32,
-             progress: bool | None = None, compile_only: bool = False) -> list[list[int]]:
+             progress: bool | None = None, compile_only: bool = False,
+             engine: str = "static") -> list[list[int]]:
     """Sample continuations of token-id prompts; returns the NEW tokens per prompt, EOS excluded.
 
     prompt_ids: a list of prompts, each a list of int token ids (or a 2-D integer array); wrap
@@ -487,6 +499,10 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0
     :class:`dromedary_jax.progress.TokenProgress`: update that bar instead, e.g. one bar over
     many calls; ``DROMEDARY_PROGRESS=0`` turns bars off). compile_only: compile the
     programs this call needs (e.g. before timing it), run nothing and return [].
+    engine: "static" (batches of ``batch_size`` rows sorted by length, each decoded until its
+    last row is done) or "continuous" (``batch_size`` decode slots; a finished row's slot is
+    refilled with the next prompt, see :mod:`dromedary_jax.sampling.engine`; one process only).
+    Both give the same tokens for the same (seed, example id).
     Bad arguments raise a UserError before anything is compiled or run.
     """
     _check_model(model)
@@ -496,20 +512,22 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0
                                     top_p=top_p, top_k=top_k, eos_id=eos_id, seed=seed,
                                     logit_bias=logit_bias, ngram_penalties=ngram_penalties)
     batch_size = _int_arg("batch_size", batch_size, 1)
+    engine = check_engine(engine)
     row_ids = example_ids(ids, len(prompts))
     shared_prefix = _check_prefix_arg(shared_prefix)
     _check_length(c, _prompt_len(prompts, shared_prefix), int(knobs["max_new"]))
     prefix = _resolve_prefix(model, shared_prefix, prefix_cache)
-    return run_batches(model, prompts, spec=spec, knobs=knobs, row_ids=row_ids,
-                       prefix=prefix, batch_size=batch_size, progress=progress,
-                       compile_only=compile_only)
+    run = run_engine if engine == "continuous" else run_batches
+    return run(model, prompts, spec=spec, knobs=knobs, row_ids=row_ids, prefix=prefix,
+               batch_size=batch_size, progress=progress, compile_only=compile_only)
 
 
 def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                   top_p: float = 1.0, top_k: int = 0, stop=(), logit_bias=None, seed: int = 0,
                   ids=None, shared_prefix=None, eos_id=None, ngram_penalties=(),
                   prefix_cache: PrefixCache | None = None, batch_size: int = 32,
-                  stop_check_every: int = 16, progress: bool | None = None) -> list[str]:
+                  stop_check_every: int = 16, progress: bool | None = None,
+                  engine: str = "static") -> list[str]:
     """Sample text continuations; returns the text before the first stop string, per prompt.
 
     ``tokenizer``: from ``dj.load_tokenizer`` (its vocabulary may be smaller than the model's,
@@ -522,7 +540,7 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, temperature
     row every ``stop_check_every`` (>= 1) steps (a stop string split across tokens is found too)
     on the generated text read as the continuation of its prompt (a leading space is kept: see
     :func:`dromedary_jax.sampling.text.continuation_text`); the returned texts are read the same way.
-    Other arguments as in :func:`generate`.
+    Other arguments (``engine`` included) as in :func:`generate`.
     """
     _check_model(model)
     _check_tokenizer(tokenizer, model)
@@ -533,6 +551,7 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, temperature
                         f"{type(shared_prefix).__name__}")
     batch_size = _int_arg("batch_size", batch_size, 1)
     stop_check_every = _int_arg("stop_check_every", stop_check_every, 1)
+    engine = check_engine(engine)
     c = model.config
     spec, knobs = sampling_settings(model, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k,
@@ -562,7 +581,8 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, temperature
     if stops:
         def is_stopped(i, toks):
             return find_stop(text_of(i, toks), stops) >= 0
-    out = run_batches(model, rows, spec=spec, knobs=knobs, row_ids=row_ids,
-                      prefix=prefix, batch_size=batch_size, is_stopped=is_stopped,
-                      stop_check_every=stop_check_every, progress=progress)
+    run = run_engine if engine == "continuous" else run_batches
+    out = run(model, rows, spec=spec, knobs=knobs, row_ids=row_ids, prefix=prefix,
+              batch_size=batch_size, is_stopped=is_stopped, stop_check_every=stop_check_every,
+              progress=progress)
     return [truncate_at_stop(text_of(i, toks), stops) for i, toks in enumerate(out)]

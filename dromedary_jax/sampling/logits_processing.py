@@ -16,8 +16,9 @@ import jax.numpy as jnp
 def ngram_completion_mask(generated: jax.Array, t: jax.Array, n: int, vocab: int) -> jax.Array:
     """bool [B, V]: tokens that would complete an n-gram already present in the generated text.
 
-    ``generated`` [B, G] holds the tokens generated so far in ``[:, :t]`` (``t`` is a traced
-    scalar). The candidate n-gram is the last ``n - 1`` generated tokens plus the next token;
+    ``generated`` [B, G] holds the tokens generated so far in ``[:, :t]`` (``t``: a traced
+    int32 scalar, or int32 [B] with each row's own step count, as the continuous engine
+    keeps them). The candidate n-gram is the last ``n - 1`` generated tokens plus the next token;
     only generated tokens count (the prompt does not), and nothing is penalised before ``n - 1``
     tokens exist. ``n == 1`` bans every token generated so far.
     """
@@ -28,11 +29,12 @@ def ngram_completion_mask(generated: jax.Array, t: jax.Array, n: int, vocab: int
         return jnp.zeros((B, vocab), bool)
     W = G - n + 1  # window starts j = 0 .. G-n
     windows = jnp.stack([generated[:, k:k + W] for k in range(n)], axis=-1)  # [B, W, n]
-    start = jnp.maximum(t - (n - 1), 0)
-    ctx = jax.lax.dynamic_slice_in_dim(generated, start, n - 1, axis=1)  # [B, n-1]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (B,))[:, None]  # [B, 1]
+    start = jnp.clip(t - (n - 1), 0, G - (n - 1))
+    ctx = jnp.take_along_axis(generated, start + jnp.arange(n - 1)[None, :], axis=1)  # [B, n-1]
     match = jnp.all(windows[..., : n - 1] == ctx[:, None, :], axis=-1)  # [B, W]
-    j = jnp.arange(W)
-    match = match & (j + n - 1 < t)[None, :] & (t >= n - 1)
+    j = jnp.arange(W)[None, :]
+    match = match & (j + n - 1 < t) & (t >= n - 1)
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, W))
     hit = jnp.zeros((B, vocab), jnp.int32).at[rows, windows[..., n - 1]].max(
         match.astype(jnp.int32))
@@ -41,7 +43,8 @@ def ngram_completion_mask(generated: jax.Array, t: jax.Array, n: int, vocab: int
 
 def apply_penalties(logits: jax.Array, generated: jax.Array, t: jax.Array, logit_bias: jax.Array,
                     ngram_ns: Sequence[int], ngram_penalties: jax.Array) -> jax.Array:
-    """logits [B, V] + logit_bias [V] - sum_n penalty_n * ngram_completion_mask(n)."""
+    """logits [B, V] + logit_bias [V] - sum_n penalty_n * ngram_completion_mask(n).
+    ``t``: the step, a scalar or int32 [B] (each row's own step)."""
     logits = logits + logit_bias[None, :].astype(logits.dtype)
     V = logits.shape[-1]
     for i, n in enumerate(ngram_ns):
@@ -51,11 +54,14 @@ def apply_penalties(logits: jax.Array, generated: jax.Array, t: jax.Array, logit
 
 
 def row_keys(seed_key: jax.Array, example_ids: jax.Array, step: jax.Array) -> jax.Array:
-    """Per-row keys: fold_in(fold_in(seed_key, example_id), step)."""
-    def key(i):
-        return jax.random.fold_in(jax.random.fold_in(seed_key, i), step)
+    """Per-row keys: fold_in(fold_in(seed_key, example_id), step). ``step``: a scalar (every
+    row at the same step) or int32 [B] (each row's own step); the same (id, step) gives the
+    same key either way."""
+    def key(i, s):
+        return jax.random.fold_in(jax.random.fold_in(seed_key, i), s)
 
-    return jax.vmap(key)(example_ids)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), example_ids.shape)
+    return jax.vmap(key)(example_ids, steps)
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, *,

@@ -125,11 +125,17 @@ def forward_unstacked(params, weights, config: ModelConfig, tokens, *, positions
                           mesh)
         x = x + _matmul(a, p["w_down"])
         x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
-    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    if "unembed_vd" in weights:
-        w = weights["unembed_vd"]
-        logits = jnp.einsum("btd,vd->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        logits = shd.constrain(logits, ("batch", "length", "act_vocab"), mesh)
-    else:
-        logits = unembed(params, config, x, mesh)
-    return logits, {"layers": new_layers, "pos": kv_pos, "seg": kv_seg}
+    return final_logits(params, weights, config, x, mesh), {"layers": new_layers, "pos": kv_pos,
+                                                           "seg": kv_seg}
+
+
+def final_logits(params, weights, config, x, mesh=None):
+    """The last layer's output x [B, T, D] -> float32 logits [B, T, V]: the final RMSNorm, then
+    the output projection (``weights["unembed_vd"]``, the [V, D] table of
+    :func:`unstack_layers`, when it is there; else ``llama.unembed``)."""
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    if "unembed_vd" not in weights:
+        return unembed(params, config, x, mesh)
+    w = weights["unembed_vd"]
+    logits = jnp.einsum("btd,vd->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return shd.constrain(logits, ("batch", "length", "act_vocab"), mesh)
