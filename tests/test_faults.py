@@ -430,7 +430,7 @@ def test_fine_tune_cli_interrupt_is_one_line_and_the_same_command_resumes(tmp_pa
                                                                           code):
     wd = tmp_path / "wd"
     cmd = _sft_cli(wd, files["records"], files["tok"])
-    proc = subprocess.Popen(cmd + ["--config.debug.step_sleep_s=0.5"], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(cmd + ["--config.debug.step_sleep_s=1.5"], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (wd / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
