@@ -58,7 +58,7 @@ def test_rows_bucket():
     assert rows_bucket(1, 8, multiple=4) == 4
 
 
-@pytest.mark.parametrize("slots", [1, 2, 3, 8])
+@pytest.mark.parametrize("slots", [1, 3])
 def test_greedy_equals_static_with_eos_at_any_slot_count(model, slots):
     eos = _eos_of(model, LONG_PROMPTS, 24)
     kw = dict(max_new_tokens=24, eos_id=eos)
@@ -68,7 +68,7 @@ def test_greedy_equals_static_with_eos_at_any_slot_count(model, slots):
     assert got == want
 
 
-@pytest.mark.parametrize("slots", [2, 3, 8])
+@pytest.mark.parametrize("slots", [2, 8])
 def test_sampling_equals_static_in_any_order(model_gqa, slots):
     model = model_gqa
     eos = _eos_of(model, LONG_PROMPTS, 20)

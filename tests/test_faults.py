@@ -432,9 +432,11 @@ def test_fine_tune_cli_interrupt_is_one_line_and_the_same_command_resumes(tmp_pa
     cmd = _sft_cli(wd, files["records"], files["tok"])
     # a shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it: give
     # the run the default disposition a command typed at a terminal has (Ctrl-C)
-    proc = subprocess.Popen(cmd + ["--config.debug.step_sleep_s=1.5"], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (a wrapper resets it and execs the run: no preexec_fn fork from this threaded process)
+    default_sigint = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, "
+                      "signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
+    proc = subprocess.Popen(default_sigint + cmd + ["--config.debug.step_sleep_s=0.5"], cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (wd / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
