@@ -21,10 +21,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dromedary_jax.pipeline.data import load_seed_tasks  # noqa: E402
+from dromedary_jax.pipeline.data_files import load_seed_tasks  # noqa: E402
 from dromedary_jax.pipeline.filters import rouge_l_keep  # noqa: E402
-from dromedary_jax.pipeline.scripted import ScriptedGenerator  # noqa: E402
-from dromedary_jax.pipeline.self_instruct import encode_vanilla_prompt, parse_vanilla  # noqa: E402
+from dromedary_jax.testing.scripted import ScriptedGenerator  # noqa: E402
+from dromedary_jax.pipeline.stages.self_instruct import encode_vanilla_prompt, parse_vanilla  # noqa: E402
 
 
 def make_candidates(n: int, seed_instructions: list[str], seed: int = 0) -> list[str]:

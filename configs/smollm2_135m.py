@@ -38,7 +38,8 @@ def get_config(arg=None):
     m.dtype = "float32"
     m.remat = "full"                   # the fine-tunes: recompute each layer in the backward
                                        # (without it a 512-token batch of 8 peaks at ~12 GiB)
-    m.batch_size = 16
+    m.batch_size = 16                  # decode slots
+    m.engine = "continuous"            # refill finished slots; texts identical to "static"
     m.progress = True
 
     si = c.self_instruct

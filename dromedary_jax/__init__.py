@@ -31,6 +31,7 @@ _API = {
     "make_mesh": "dromedary_jax.sharding",
     "generate": "dromedary_jax.sampling",
     "generate_text": "dromedary_jax.sampling",
+    "SamplingSettings": "dromedary_jax.sampling.settings",
     "UserError": "dromedary_jax.errors",
 }
 _SUBMODULES = ("eval",)

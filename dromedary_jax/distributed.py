@@ -9,11 +9,15 @@
   gloo collectives are switched on.
 
 Call :func:`maybe_initialize` before any other JAX call that touches devices.
+
+:class:`Hosts` is the pipeline's view of the processes: this one's index and count, a barrier and
+an all-process max (the one home of the multi-host helpers the stages use).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from dromedary_jax.errors import UserError
 
@@ -106,3 +110,47 @@ def allgather_texts(texts: list[str]) -> list[list[str]]:
     all_lens = multihost_utils.process_allgather(lens)
     return [[bytes(all_buf[p, i, :all_lens[p, i]]).decode("utf-8") for i in range(int(n))]
             for p, n in enumerate(sizes[:, 0])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hosts:
+    """This process's place among the hosts and a barrier across them."""
+
+    index: int = 0
+    count: int = 1
+    barrier: Callable[[str], None] = lambda name: None
+    # max of a host integer over all hosts (so every host makes the same number of collective calls)
+    allmax: Callable[[int], int] = lambda x: int(x)
+
+    def share(self, items: list) -> list:
+        """This host's share of a list (every ``count``-th item from ``index``)."""
+        return items[self.index::self.count]
+
+    @property
+    def is_main(self) -> bool:
+        """True on process 0 (the one that prints and writes shared files)."""
+        return self.index == 0
+
+    @classmethod
+    def from_jax(cls) -> "Hosts":
+        """The hosts as JAX sees them (``jax.process_index()`` / ``process_count()``): one
+        process gets no-op collectives; several get a ``sync_global_devices`` barrier and a
+        ``process_allgather`` max (every process must make the same calls)."""
+        import jax
+
+        count = jax.process_count()
+        if count == 1:
+            return cls(0, 1)
+
+        def barrier(name: str) -> None:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(name)
+
+        def allmax(x: int) -> int:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            return int(np.max(multihost_utils.process_allgather(np.asarray(int(x), np.int64))))
+
+        return cls(jax.process_index(), count, barrier, allmax)

@@ -76,6 +76,8 @@ class ForwardJit:
         return self._pick(args, kwargs)(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
+        """``jax.jit(...).lower(*args, **kwargs)`` of the wrapper a call with these arguments
+        would use (oneDNN or plain, as for ``__call__``)."""
         return self._pick(args, kwargs).lower(*args, **kwargs)
 
 

@@ -56,7 +56,7 @@ def iter_jsonl(path: str, note: str = "") -> Iterator[tuple[str, Any]]:
                 raise _malformed(where + note, e) from None
 
 
-def read_records(path: str, note: str = "", objects: bool = False) -> list[Any]:
+def read_json_records(path: str, note: str = "", objects: bool = False) -> list[Any]:
     """A JSONL file (one record a line, blank lines skipped) or a JSON file holding a list of
     records; a file whose text starts with ``[`` is read as the latter. With ``objects`` every
     record must be a JSON object."""
@@ -111,6 +111,8 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (temporary file, fsync, ``os.replace``); a
+    full disk raises the one-line ``disk_full_error`` (a UserError)."""
     _write_atomic(path, lambda f: f.write(data), mode="wb")
 
 
@@ -196,9 +198,13 @@ class AppendLog:
             raise
 
     def write(self, record: Mapping) -> None:
+        """Append ``record`` as one JSON line and flush (see :meth:`write_many`)."""
         self.write_many([record])
 
     def write_many(self, records: Iterable[Mapping]) -> None:
+        """Append each record as one JSON line in one write, then flush (and fsync when
+        ``durable``). A full disk raises the one-line ``disk_full_error`` (a UserError); a line
+        it cut short is dropped when the log is opened again."""
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         if not text:
             return
@@ -225,6 +231,8 @@ class AppendLog:
             raise
 
     def close(self) -> None:
+        """Close the file (idempotent); a full disk while flushing on close is ignored (the
+        cut line is repaired on the next open), other OSErrors propagate."""
         if self._f is not None:
             try:
                 self._f.close()

@@ -103,10 +103,12 @@ class StepPlan:
 
     @property
     def peak(self) -> int:
+        """Peak bytes per device: arguments + outputs - aliased (donated) + temporaries."""
         return self.argument + self.output - self.alias + self.temp
 
     @property
     def num_devices(self) -> int:
+        """Devices in the mesh (the product of its axis sizes)."""
         return math.prod(self.mesh.values())
 
 
@@ -165,6 +167,9 @@ def _scan_corrected_flops(compiled, build, config) -> float:
 
 # ----------------------------------------------------------------------------- training step
 def train_section(config, stage: str):
+    """The fine-tune config ``config.<stage>.train`` of a pipeline config, with the trainer's
+    defaults filled in (``training.config.with_defaults``). UserError unless ``stage`` is
+    engrave or verbose_clone."""
     from dromedary_jax.training.config import with_defaults
 
     if stage not in ("engrave", "verbose_clone"):
@@ -319,6 +324,10 @@ def _g(b: float) -> str:
 
 
 def format_plan(p: StepPlan, accelerator: str, mfu: float) -> list[str]:
+    """The printed report of one plan: per-device bytes (GiB / MiB) and their split, compiled
+    and model FLOPs, the step time (ms) and tokens/s on ``accelerator`` (a key of ACCELERATORS:
+    its HBM and bf16 peak FLOP/s) at model-FLOPs utilisation ``mfu`` (a fraction), and whether
+    the peak fits that HBM (FITS <= 90%, TIGHT <= 100%). KeyError for an unknown accelerator."""
     hbm, peak_flops = ACCELERATORS[accelerator]
     n = p.num_devices
     lines = [f"== {p.name} on mesh {p.mesh} ({n} devices): {p.description}",
@@ -362,7 +371,7 @@ def run_plan(config, *, devices: int, mesh_shape=None, modes=MODES, stage: str =
     from dromedary_jax.checkpoint.dtypes import finetune_param_dtype, sampling_param_dtype
     from dromedary_jax.errors import UserError
     from dromedary_jax.pipeline.defaults import complete
-    from dromedary_jax.pipeline.plan import model_config_of
+    from dromedary_jax.pipeline.resources import model_config_of
     from dromedary_jax.sharding import check_model_fits_mesh, make_mesh
 
     config = complete(config)

@@ -88,6 +88,9 @@ class TokenProgress:
     @classmethod
     def create(cls, total: int, *, desc: str, unit: str = "prompt",
                show: bool = True) -> "TokenProgress | None":
+        """A TokenProgress over ``total`` items (``unit`` names them), or None when
+        :func:`progress_bar` draws no bar (``show`` False, not process 0, or
+        ``DROMEDARY_PROGRESS=0``)."""
         bar = progress_bar(total, desc=desc, unit=unit, show=show)
         return None if bar is None else cls(bar)
 
@@ -99,7 +102,9 @@ class TokenProgress:
         self.bar.update(int(items))
 
     def tokens_per_s(self) -> float:
+        """Tokens counted so far per second of wall time since the bar was made."""
         return self.tokens / max(time.perf_counter() - self._t0, 1e-9)
 
     def close(self) -> None:
+        """Close the underlying tqdm bar."""
         self.bar.close()

@@ -120,6 +120,9 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh | None = None,
 
 
 def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None):
+    """``NamedSharding(mesh, logical_to_spec(axes, mesh, shape))``: an array with these logical
+    axes (one name or None per dim) on ``mesh``; with ``shape``, a mesh axis that does not divide
+    its dim is dropped (that dim replicated). KeyError for a logical name not in LOGICAL_RULES."""
     return NamedSharding(mesh, logical_to_spec(axes, mesh, shape))
 
 

@@ -50,6 +50,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: bool | None = None,
                      eos: bool | None = False) -> list[list[int]]:
+        """:meth:`encode` of each text, same ``bos`` / ``eos`` rule; one id list per text."""
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
 
     def _bos(self) -> int:
@@ -60,15 +61,20 @@ class Tokenizer:
 
     @property
     def origin(self) -> str:
+        """Where the tokenizer came from (its file path, else the class name), for errors."""
         return getattr(self, "path", type(self).__name__)
 
     def id_to_token(self, i: int) -> str | None:  # pragma: no cover - abstract
+        """The vocabulary string of token id ``i`` (e.g. ``"<s>"``, ``"▁the"``), or None when
+        there is none. Subclasses implement it."""
         raise NotImplementedError
 
     def _encode(self, text: str) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
+        """The text of token ids ``ids``, with the bos/eos/pad ids dropped first. Subclasses
+        implement it."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -100,12 +106,15 @@ class SentencePieceTokenizer(Tokenizer):
         return list(self.sp.encode(text))
 
     def decode(self, ids: Sequence[int]) -> str:
+        """SentencePiece's decode of ``ids`` without the bos/eos/pad ids."""
         return self.sp.decode([int(i) for i in ids if int(i) not in self._special])
 
     def id_to_piece(self, i: int) -> str:
+        """The SentencePiece piece of id ``i`` (``sp.id_to_piece``)."""
         return self.sp.id_to_piece(int(i))
 
     def id_to_token(self, i):
+        """The piece of id ``i``; None for None or a negative id (e.g. an absent BOS's -1)."""
         return None if i is None or i < 0 else self.sp.id_to_piece(int(i))
 
 
@@ -136,10 +145,13 @@ class TokenizersTokenizer(Tokenizer):
         return list(self.tk.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The wrapped tokenizer's decode of ``ids`` without the bos/eos/pad ids (other special
+        tokens are kept: ``skip_special_tokens=False``)."""
         return self.tk.decode([int(i) for i in ids if int(i) not in self._special],
                               skip_special_tokens=False)
 
     def id_to_token(self, i):
+        """The vocabulary string of id ``i``; None for None or an id outside the vocabulary."""
         return None if i is None else self.tk.id_to_token(int(i))
 
 

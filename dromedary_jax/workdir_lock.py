@@ -36,6 +36,8 @@ _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def lock_path(workdir: str, process_index: int = 0) -> str:
+    """Absolute path of the lock file of process ``process_index`` in ``workdir``:
+    ``.dromedary.lock`` for process 0, ``.dromedary.lock.<index>`` for the others."""
     name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.{process_index}"
     return os.path.join(os.path.abspath(workdir), name)
 
@@ -111,6 +113,8 @@ def acquire(workdir: str, process_index: int = 0) -> str:
 
 
 def release(path: str) -> None:
+    """Undo one :func:`acquire` of the lock file ``path``; the last one closes the file, which
+    drops the lock. A path this process does not hold is ignored."""
     held = _HELD.get(path)
     if held is None:
         return

@@ -134,7 +134,7 @@ def test_stored_param_dtype_reads_the_safetensors_header(hf_dirs, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sampling_stages_hold_weights_in_the_run_dtype(hf_dirs, sp_model_path, dtype):
     from dromedary_jax.pipeline import resources
-    from dromedary_jax.pipeline.records import Hosts
+    from dromedary_jax.distributed import Hosts
 
     c = _run_config(hf_dirs["float32"], sp_model_path, dtype)
     res = resources.Resources(c, hosts=Hosts())
@@ -147,7 +147,7 @@ def test_sampling_stages_hold_weights_in_the_run_dtype(hf_dirs, sp_model_path, d
 
 def test_a_bf16_checkpoint_is_not_upcast_to_sample_in_float32(hf_dirs, sp_model_path):
     from dromedary_jax.pipeline import resources
-    from dromedary_jax.pipeline.records import Hosts
+    from dromedary_jax.distributed import Hosts
 
     c = _run_config(hf_dirs["bfloat16"], sp_model_path, "float32")
     model, _ = resources.Resources(c, hosts=Hosts()).model_and_tokenizer
@@ -160,7 +160,7 @@ def test_a_bf16_checkpoint_is_not_upcast_to_sample_in_float32(hf_dirs, sp_model_
 
 def test_full_fine_tune_reloads_float32_masters_and_sampling_rounds_them(hf_dirs, sp_model_path):
     from dromedary_jax.pipeline import resources
-    from dromedary_jax.pipeline.records import Hosts
+    from dromedary_jax.distributed import Hosts
 
     c = _run_config(hf_dirs["float32"], sp_model_path, "bfloat16", lora=False)
     res = resources.Resources(c, hosts=Hosts())

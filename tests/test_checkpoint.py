@@ -619,3 +619,22 @@ def test_model_config_rejects_non_positive_sizes(field, value):
     with pytest.raises(UserError, match=f"invalid model config: {field}={value} must be a "
                                         "positive integer"):
         dj.ModelConfig(**{field: value})
+
+
+def test_read_model_config_equals_the_loaded_models_config(hf_saved, orbax_ck, sp_model_path,
+                                                          tmp_path):
+    """Every format's config without its weights (the dry run's and the input checks' source)
+    is the config load_model builds."""
+    from gguf_helpers import byte_bpe_vocab, write_llama_gguf
+
+    from dromedary_jax.checkpoint import read_model_config
+
+    hf_dir, hf = hf_saved("gqa")
+    meta_dir = _write_meta(hf, str(tmp_path / "meta"), n_shards=2, tokenizer=sp_model_path)
+    gguf_path = str(tmp_path / "m.gguf")
+    write_llama_gguf(gguf_path, byte_bpe_vocab(), hidden=64, layers=2, heads=4, kv_heads=2, ff=96)
+    for path in (hf_dir, orbax_ck, meta_dir, gguf_path):
+        assert read_model_config(path) == load_model(path).config, path
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        read_model_config(str(tmp_path / "empty"))

@@ -9,8 +9,9 @@ import pytest
 
 import dromedary_jax as dj
 from dromedary_jax.errors import UserError
-from dromedary_jax.sampling.api import example_ids, run_batches, sampling_settings
+from dromedary_jax.sampling.api import example_ids, loop_inputs, run_batches
 from dromedary_jax.sampling.engine import rows_bucket, run_engine
+from dromedary_jax.sampling.settings import SamplingSettings
 from helpers import ours_from_hf, tiny_hf_model
 from test_sampling import PROMPTS, _hf_greedy
 
@@ -149,7 +150,7 @@ def test_shared_prefix_token_ids_and_empty_suffix(model):
 
 def test_finished_rows_stream_out_and_stats(model):
     eos = _spread_eos(model, LONG_PROMPTS, 24)
-    spec, knobs = sampling_settings(model, max_new_tokens=24, eos_id=eos)
+    spec, knobs = loop_inputs(model, SamplingSettings(max_new_tokens=24, eos_id=eos))
     ids = example_ids(None, len(LONG_PROMPTS))
     seen, st = [], {}
     out = run_engine(model, LONG_PROMPTS, spec=spec, knobs=knobs, row_ids=ids, batch_size=4,
@@ -177,8 +178,9 @@ def test_stacked_weights_path(model):
     k/v included)."""
     from dromedary_jax.sampling.api import _resolve_prefix
 
-    spec, knobs = sampling_settings(model, max_new_tokens=12, eos_id=-1, temperature=0.8,
-                                    top_k=50, ngram_penalties=((2, 1.5),))
+    spec, knobs = loop_inputs(model, SamplingSettings(max_new_tokens=12, eos_id=-1,
+                                                      temperature=0.8, top_k=50,
+                                                      ngram_penalties=((2, 1.5),)))
     assert spec.unstack_layers  # the tiny model on CPU
     ids = example_ids(None, len(PROMPTS))
     prefix = _resolve_prefix(model, (1, 50, 51, 52), None)

@@ -203,7 +203,7 @@ def test_library_errors_name_their_own_keys_and_a_stage_adds_the_config_path(tmp
 
 # ------------------------------------------------------------------ files that survive kills
 def test_metrics_log_repairs_a_cut_line_and_drops_steps_a_resume_rewrites(tmp_path):
-    from dromedary_jax.pipeline.run_report import _metrics
+    from dromedary_jax.pipeline.reports.run_report import _metrics
     from dromedary_jax.training.metrics import MetricsWriter, read_metrics
 
     wd = tmp_path / "engrave" / "train"

@@ -2,7 +2,7 @@
 import pytest
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.jsonl import iter_jsonl, read_records
+from dromedary_jax.jsonl import iter_jsonl, read_json_records
 
 
 def write(tmp_path, name, text):
@@ -16,7 +16,7 @@ def test_jsonl_and_json_list_give_the_same_records(tmp_path):
     a = write(tmp_path, "r.jsonl", '{"a": 1}\n\n   \n{"a": 2}\n')
     b = write(tmp_path, "r.json", '  [{"a": 1}, {"a": 2}]')
     c = write(tmp_path, "r.txt", '[{"a": 1},\n {"a": 2}]')  # a list, whatever the suffix
-    assert read_records(a) == read_records(b) == read_records(c) == rows
+    assert read_json_records(a) == read_json_records(b) == read_json_records(c) == rows
     assert [where for where, _ in iter_jsonl(a)] == [f"{a}:1", f"{a}:4"]
 
 
@@ -28,9 +28,9 @@ def test_jsonl_and_json_list_give_the_same_records(tmp_path):
 ])
 def test_bad_files_name_file_and_line(tmp_path, name, text, kw, match):
     with pytest.raises(UserError, match=match):
-        read_records(write(tmp_path, name, text), note=" (config.x)", **kw)
+        read_json_records(write(tmp_path, name, text), note=" (config.x)", **kw)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="file not found"):
-        read_records(str(tmp_path / "nope.jsonl"))
+        read_json_records(str(tmp_path / "nope.jsonl"))

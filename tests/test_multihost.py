@@ -243,8 +243,8 @@ def _wait(procs, out_dir: str, timeout: float = 300) -> list[str]:
 def test_two_processes_match_one(tmp_path):
     import jax
 
-    from dromedary_jax.pipeline.demo_tokenizer import ensure_demo_tokenizer
-    from dromedary_jax.pipeline.records import read_records, shard_paths
+    from dromedary_jax.testing.demo_tokenizer import ensure_demo_tokenizer
+    from dromedary_jax.pipeline.records import read_shards, shard_paths
 
     tok_path = ensure_demo_tokenizer(str(tmp_path / "tokenizer"))
     multi, single = tmp_path / "multi", tmp_path / "single"
@@ -279,7 +279,7 @@ def test_two_processes_match_one(tmp_path):
         "responses-00000-of-00002.jsonl", "responses-00001-of-00002.jsonl"]
     ids = [[json.loads(line)["id"] for line in open(p)] for p in shard_paths(str(stage), "responses")]
     assert [len(x) for x in ids] == [3, 2]
-    assert read_records(str(stage), "responses") == read_records(str(ref_stage), "responses")
+    assert read_shards(str(stage), "responses") == read_shards(str(ref_stage), "responses")
     assert (stage / "kept.jsonl").read_text() == (ref_stage / "kept.jsonl").read_text()
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["done"] and manifest["num_processes"] == 2

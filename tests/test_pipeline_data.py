@@ -6,7 +6,7 @@ import re
 import pytest
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline import data as D
+from dromedary_jax.pipeline import data_files as D
 from dromedary_jax.pipeline.defaults import get_defaults
 from dromedary_jax.pipeline.principles import (build_prompt, cited_principles, load_exemplars, load_principles,
                                                parse_original_prompt, question_suffix, spec_from_files)
@@ -108,11 +108,11 @@ def test_assistant_and_questions(tmp_path):
         D.load_assistant(c.data)
     p = tmp_path / "q.json"
     p.write_text(json.dumps([{"instruction": "A?", "input": ""}, {"instruction": "B?", "input": "x"}]))
-    qs = D.load_questions(str(p))
+    qs = D.load_question_file(str(p))
     assert [q["id"] for q in qs] == ["q-0000000", "q-0000001"] and qs[1]["input"] == "x"
-    assert D.load_questions("data/red_team/question_types.jsonl")[0]["instruction"].endswith("?")
+    assert D.load_question_file("data/red_team/question_types.jsonl")[0]["instruction"].endswith("?")
     with pytest.raises(UserError, match="self_align.questions_file"):
-        D.load_questions(str(tmp_path / "missing.json"))
+        D.load_question_file(str(tmp_path / "missing.json"))
 
 
 # ------------------------------------------------------------------ original Dromedary files

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-import dromedary_jax as dj
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline import plan, resources, verbose_clone
+from dromedary_jax.pipeline import dry_run, resources
+from dromedary_jax.pipeline.stages import verbose_clone
 from dromedary_jax.pipeline.defaults import complete, get_defaults
-from dromedary_jax.pipeline.records import Hosts
+from dromedary_jax.distributed import Hosts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["self_instruct", "self_align", "engrave", "verbose_clone"]
@@ -29,7 +29,7 @@ def load_config(name, arg=None):
 
 def test_stage4_models_load_on_the_run_mesh_and_dtype(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(dj, "load_model", lambda path, **kw: calls.append((path, kw)) or object())
+    monkeypatch.setattr("dromedary_jax.checkpoint.load_model", lambda path, **kw: calls.append((path, kw)) or object())
     c = complete(get_defaults())
     c.model.kind, c.model.checkpoint = "checkpoint", "/base"
     c.model.dtype, c.model.mesh = "bfloat16", (1, -1, 1)
@@ -77,7 +77,7 @@ def test_kv_estimate_matches_the_sampler_cache_arrays():
     c = preset("tiny", dtype="bfloat16")
     mesh_d = {"data": 2, "fsdp": 2, "tensor": 2}
     mesh = shd.make_mesh((2, 2, 2))
-    est = plan.kv_cache_estimate(c, mesh_d, batch=6, prefix_len=100, suffix_len=20, max_new_tokens=30)
+    est = dry_run.kv_cache_estimate(c, mesh_d, batch=6, prefix_len=100, suffix_len=20, max_new_tokens=30)
     B, Pb, T, G = 8, bucket(100), bucket(20), bucket(30)  # batch rounded up to data x fsdp
     total = per_device = 0
     # the shapes decode_loop.prefill (per row) and prefix_cache.prefill_prefix_arrays (once) build
@@ -93,7 +93,7 @@ def test_kv_estimate_matches_the_sampler_cache_arrays():
 
 def test_dry_run_kv_line_uses_model_dtype_and_one_prefix(capsys):
     c = load_config("llama2_7b")
-    plan.print_dry_run(c, "", STAGES, devices=1)
+    dry_run.print_dry_run(c, "", STAGES, devices=1)
     out = capsys.readouterr().out
     (line,) = [ln for ln in out.splitlines() if "KV cache" in ln]
     assert "(bfloat16)" in line and "shared prefix ~" in line
@@ -109,9 +109,9 @@ def test_dry_run_kv_line_uses_model_dtype_and_one_prefix(capsys):
 ])
 def test_dry_run_rejects_bad_stage2_prompt_settings(config, needle, capsys):
     with pytest.raises(UserError, match=needle):
-        plan.print_dry_run(config(), "", STAGES, devices=1)
+        dry_run.print_dry_run(config(), "", STAGES, devices=1)
     # without stage 2 in the plan the prompt is not needed
-    plan.print_dry_run(config(), "", ["self_instruct"], devices=1)
+    dry_run.print_dry_run(config(), "", ["self_instruct"], devices=1)
 
 
 def _with(c, **sa):
@@ -124,9 +124,9 @@ def test_dry_run_mesh_error_suggests_devices():
     c = load_config("dromedary_65b")
     c.model.mesh = (1, -1, 3)  # divides no power-of-two device count visible here
     with pytest.raises(UserError, match=r"does not divide .* pass --devices N to plan"):
-        plan.print_dry_run(c, "", STAGES)
+        dry_run.print_dry_run(c, "", STAGES)
     with pytest.raises(UserError, match=r"does not divide") as e:  # --devices given: no hint
-        plan.print_dry_run(c, "", STAGES, devices=4)
+        dry_run.print_dry_run(c, "", STAGES, devices=4)
     assert "--devices N" not in str(e.value)
 
 
@@ -144,7 +144,7 @@ def test_dry_run_weights_per_stage_follow_the_run_dtype(dtype, capsys):
 
     c = load_config("llama2_7b")
     c.model.dtype = dtype
-    plan.print_dry_run(c, "", STAGES + ["evaluate"], devices=1)
+    dry_run.print_dry_run(c, "", STAGES + ["evaluate"], devices=1)
     out = capsys.readouterr().out
     n = preset("llama2-7b").num_params
     item = 2 if dtype == "bfloat16" else 4
@@ -154,7 +154,7 @@ def test_dry_run_weights_per_stage_follow_the_run_dtype(dtype, capsys):
     # LoRA (llama2_7b's engraving): the frozen base as sampling holds it + float32 adapters with
     # grads and Adam moments (16 bytes per trainable parameter)
     t = c.engrave.train
-    n_lora = plan.lora_params(preset("llama2-7b"), t.lora.rank, t.lora.targets)
+    n_lora = dry_run.lora_params(preset("llama2-7b"), t.lora.rank, t.lora.targets)
     got = _stage_gib(out, "engrave", f"frozen base in {dtype}")
     assert abs(got - (n * item + 16 * n_lora) / 2**30) < tol
     # stage 4 samples the engraved model while the base stays loaded; stage 5 likewise
@@ -169,7 +169,7 @@ def test_dry_run_full_fine_tune_counts_float32_masters(capsys):
 
     c = load_config("llama2_7b")
     c.engrave.train.lora.enabled = False
-    plan.print_dry_run(c, "", STAGES, devices=1)
+    dry_run.print_dry_run(c, "", STAGES, devices=1)
     out = capsys.readouterr().out
     n = preset("llama2-7b").num_params
     # float32 masters + grads + 2 Adam moments (16 B) + the float32 model it starts from (4 B)

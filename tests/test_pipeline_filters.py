@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from dromedary_jax.pipeline.data import load_seed_tasks
+from dromedary_jax.pipeline.data_files import load_seed_tasks
 from dromedary_jax.pipeline.filters import (InstructionFilter, RougeLDeduper, rouge_l_f, rouge_l_keep,
                                             rouge_tokens)
-from dromedary_jax.pipeline.scripted import ScriptedGenerator
-from dromedary_jax.pipeline.self_instruct import encode_vanilla_prompt, parse_vanilla
+from dromedary_jax.testing.scripted import ScriptedGenerator
+from dromedary_jax.pipeline.stages.self_instruct import encode_vanilla_prompt, parse_vanilla
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 
@@ -140,7 +140,7 @@ def test_vanilla_keeps_exactly_num_instructions(tmp_path):
     the same 7 whatever the batch size, and every parsed candidate is accounted for."""
     import json
 
-    from dromedary_jax.pipeline.self_instruct import VANILLA_REASONS
+    from dromedary_jax.pipeline.stages.self_instruct import VANILLA_REASONS
     from dromedary_jax.run import run_stages
 
     kept = []
@@ -240,7 +240,7 @@ def test_real_self_align_outputs_are_filtered_as_hand_labelled():
     """Stage 2 on real SmolLM2-135M continuations of the real principle prompt: every answer the
     hand labels drop is dropped with the labelled reason, every on-form one is kept, and no kept
     answer restates the thoughts template or carries a turn header."""
-    from dromedary_jax.pipeline import self_align as S2
+    from dromedary_jax.pipeline.stages import self_align as S2
     from dromedary_jax.pipeline.defaults import complete, get_defaults
 
     config = complete(get_defaults())
@@ -267,8 +267,8 @@ def test_real_self_align_outputs_are_filtered_as_hand_labelled():
 
 
 def test_real_verbose_outputs_are_filtered_as_hand_labelled():
-    from dromedary_jax.pipeline import data as D
-    from dromedary_jax.pipeline import verbose_clone as VC
+    from dromedary_jax.pipeline import data_files as D
+    from dromedary_jax.pipeline.stages import verbose_clone as VC
     from dromedary_jax.pipeline.defaults import complete, get_defaults
 
     config = complete(get_defaults())
@@ -289,10 +289,10 @@ def test_real_verbose_outputs_are_filtered_as_hand_labelled():
 def test_stages_2_and_4_cut_and_filter_by_one_rule():
     """The same continuation after the answer header gets the same cleaned answer and the same
     shared reason in stage 2 (before the rename) and stage 4."""
-    from dromedary_jax.pipeline import verbose_clone as VC
+    from dromedary_jax.pipeline.stages import verbose_clone as VC
     from dromedary_jax.pipeline.answer_filters import REASONS
     from dromedary_jax.pipeline.defaults import complete, get_defaults
-    from dromedary_jax.pipeline import self_align as S2
+    from dromedary_jax.pipeline.stages import self_align as S2
 
     config = complete(get_defaults())
     rendered, assistant = S2.render_prompt(config)
@@ -322,7 +322,7 @@ def test_stages_2_and_4_cut_and_filter_by_one_rule():
 
 def test_parse_topics_blank_lines_are_no_topics():
     """Blank lines between topics neither count as lines nor use up the per-call budget."""
-    from dromedary_jax.pipeline.self_instruct import parse_questions, parse_topics
+    from dromedary_jax.pipeline.stages.self_instruct import parse_questions, parse_topics
 
     acc, rej = parse_topics("6. Solar Energy\n\n7. Tax Law\n\n\n8. Rural Schools\n\n9. Extra Topic", max_topics=3)
     assert acc == ["Solar Energy", "Tax Law", "Rural Schools"] and rej == []

@@ -8,7 +8,8 @@ import pytest
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.pipeline.generator import ModelGenerator, resolve_logit_bias
-from dromedary_jax.pipeline.records import Hosts, read_records
+from dromedary_jax.distributed import Hosts
+from dromedary_jax.pipeline.records import read_shards
 from dromedary_jax.pipeline.resources import Resources, build_generator
 from dromedary_jax.run import run_stages
 
@@ -48,12 +49,12 @@ def test_tiny_model_runs_both_stages(tmp_path, sp_model_path, tiny_generator):
     c = tiny_model_config(sp_model_path)
     wd = str(tmp_path / "a")
     counts = run_stages(c, wd, resources=Resources(c, generator=tiny_generator, hosts=Hosts()))
-    topics = read_records(os.path.join(wd, "self_instruct"), "topics")
+    topics = read_shards(os.path.join(wd, "self_instruct"), "topics")
     assert len(topics) == 20 and all(isinstance(r["generation"], str) for r in topics)
     assert any(r["generation"].strip() for r in topics)
-    assert len(read_records(os.path.join(wd, "self_instruct"), "questions")) == 1
-    assert len(read_records(os.path.join(wd, "self_instruct"), "vanilla")) == 2
-    recs = read_records(os.path.join(wd, "self_align"), "responses")
+    assert len(read_shards(os.path.join(wd, "self_instruct"), "questions")) == 1
+    assert len(read_shards(os.path.join(wd, "self_instruct"), "vanilla")) == 2
+    recs = read_shards(os.path.join(wd, "self_align"), "responses")
     assert len(recs) == counts["self_align"]["generated"] == 3
     assert all(r["raw"] and r["filter"] in (None, "no_answer", "no_thoughts", "empty", "too_short",
                                             "exemplar_leak", "apology") for r in recs)
@@ -64,4 +65,27 @@ def test_tiny_model_runs_both_stages(tmp_path, sp_model_path, tiny_generator):
         run_stages(c, wd2, stages=["self_align"], resources=Resources(c, generator=tiny_generator, hosts=Hosts()))
     finally:
         tiny_generator.batch_size = c.model.batch_size
-    assert read_records(os.path.join(wd2, "self_align"), "responses") == recs
+    assert read_shards(os.path.join(wd2, "self_align"), "responses") == recs
+
+
+def test_continuous_engine_streams_the_same_records(tmp_path, sp_model_path, tiny_generator):
+    """config.model.engine="continuous": the whole step goes to the engine in one call and each
+    finished row is appended as it finishes; the records equal the static engine's."""
+    c = tiny_model_config(sp_model_path)
+    c.self_align.max_questions = 5
+    c.model.engine = "continuous"
+    static_wd, cont_wd = str(tmp_path / "static"), str(tmp_path / "cont")
+    run_stages(c, static_wd, stages=["self_align"], report=False,
+               resources=Resources(c, generator=tiny_generator, hosts=Hosts()))
+    streaming = ModelGenerator(tiny_generator.model, tiny_generator.tokenizer, batch_size=2,
+                               engine="continuous")
+    calls = []
+    inner = streaming.generate
+    streaming.generate = lambda prompts, **kw: calls.append(len(prompts)) or inner(prompts, **kw)
+    assert streaming.streams
+    run_stages(c, cont_wd, stages=["self_align"], report=False,
+               resources=Resources(c, generator=streaming, hosts=Hosts()))
+    assert calls == [5]  # one call for the step (2 slots refilled), not one per batch of 2
+    want = read_shards(os.path.join(static_wd, "self_align"), "responses")
+    assert read_shards(os.path.join(cont_wd, "self_align"), "responses") == want
+    assert len(want) == 5

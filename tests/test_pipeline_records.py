@@ -7,9 +7,9 @@ import pytest
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.pipeline.records import (Hosts, ShardWriter, StageDir, config_hash, finetune_fingerprint,
-                                            model_fingerprint, read_records, shard_path, stable_int,
+                                            model_fingerprint, read_shards, shard_path, stable_int,
                                             stage_done, strip_non_semantic, write_jsonl_atomic)
-from dromedary_jax.pipeline.report import funnel_steps, write_funnel
+from dromedary_jax.pipeline.reports.funnel import funnel_steps, write_funnel
 
 
 def test_shards_resume_and_repair(tmp_path):
@@ -21,7 +21,7 @@ def test_shards_resume_and_repair(tmp_path):
     assert os.path.basename(path) == "recs-00000-of-00001.jsonl"
     with open(path, "a") as f:
         f.write('{"id": "c", "x"')  # a kill mid-line
-    assert [r["id"] for r in read_records(d, "recs")] == ["a", "b"]  # partial line ignored
+    assert [r["id"] for r in read_shards(d, "recs")] == ["a", "b"]  # partial line ignored
     with ShardWriter(d, "recs", Hosts(0, 1)) as w:
         assert w.done == {"a", "b"}
         w.append([{"id": "c", "x": 4}])
@@ -31,7 +31,7 @@ def test_shards_resume_and_repair(tmp_path):
     with ShardWriter(d, "recs", Hosts(1, 2)) as w:
         assert w.done == {"a", "b", "c"}
         w.append([{"id": "d"}])
-    assert [r["id"] for r in read_records(d, "recs")] == ["a", "b", "c", "d"]
+    assert [r["id"] for r in read_shards(d, "recs")] == ["a", "b", "c", "d"]
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
@@ -39,7 +39,7 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
     with open(p, "w") as f:
         f.write('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(UserError, match="line 2"):
-        read_records(str(tmp_path), "recs")
+        read_shards(str(tmp_path), "recs")
 
 
 def test_hosts_share_is_a_partition():
@@ -111,19 +111,9 @@ def test_stage_done_compares_the_config_hash(tmp_path):
     assert stage_done(str(tmp_path), "st", config_hash({"a": 2})) is None
 
 
-def test_legacy_fingerprint_keeps_an_old_folder_valid(tmp_path):
-    old = StageDir(str(tmp_path), "st", {"a": 1, "remat": "none"}, Hosts()).open()
-    old.write_manifest({"n": 1}, {})
-    new = StageDir(str(tmp_path), "st", {"a": 1}, Hosts(), legacy=[{"a": 1, "remat": "none"}])
-    assert new.hash == old.hash and new.is_done()
-    new.open()  # not refused
-    other = StageDir(str(tmp_path), "st", {"a": 2}, Hosts(), legacy=[{"a": 2, "remat": "none"}])
-    assert other.hash != old.hash and not other.is_done()
-
-
 def test_fingerprints_leave_out_bookkeeping_keys():
     from dromedary_jax.pipeline.defaults import get_defaults
-    from dromedary_jax.pipeline.engrave import fingerprint_of
+    from dromedary_jax.pipeline.finetune import section_fingerprint as fingerprint_of
 
     c = get_defaults()
     base_model, base_en, base_vc = (model_fingerprint(c.model), fingerprint_of(c.engrave),
@@ -168,7 +158,7 @@ def test_full_disk_is_a_user_error_and_resumes(tmp_path, monkeypatch, code):
     with ShardWriter(d, "recs", Hosts()) as w2:  # after freeing space: resumes
         assert w2.done == {"a"}
         w2.append([{"id": "b"}])
-    assert [r["id"] for r in read_records(d, "recs")] == ["a", "b"]
+    assert [r["id"] for r in read_shards(d, "recs")] == ["a", "b"]
     # derived files too
     import dromedary_jax.pipeline.records as R
 

@@ -12,12 +12,13 @@ import time
 import pytest
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline import self_align as S2
-from dromedary_jax.pipeline import self_instruct as S1
+from dromedary_jax.pipeline.stages import self_align as S2
+from dromedary_jax.pipeline.stages import self_instruct as S1
 from dromedary_jax.pipeline.principles import build_prompt
-from dromedary_jax.pipeline.records import Hosts, read_records
+from dromedary_jax.distributed import Hosts
+from dromedary_jax.pipeline.records import read_shards
 from dromedary_jax.pipeline.resources import Resources
-from dromedary_jax.pipeline.scripted import ScriptedGenerator
+from dromedary_jax.testing.scripted import ScriptedGenerator
 from dromedary_jax.run import run_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def all_records(workdir):
     out = {}
     for stage, names in (("self_instruct", ("topics", "questions", "vanilla")), ("self_align", ("responses",))):
         for name in names:
-            out[f"{stage}/{name}"] = read_records(os.path.join(workdir, stage), name)
+            out[f"{stage}/{name}"] = read_shards(os.path.join(workdir, stage), name)
     return out
 
 
@@ -153,7 +154,7 @@ def test_end_to_end_outputs(reference_run):
     prompts = [json.loads(x) for x in open(os.path.join(wd, "self_instruct/prompts.jsonl"))]
     assert len({p["id"] for p in prompts}) == len(prompts) == si["prompts"]
     assert len({p["question_type"] for p in prompts if p["source"] == "tgrt"}) > 5  # types mixed
-    recs = read_records(os.path.join(wd, "self_align"), "responses")
+    recs = read_shards(os.path.join(wd, "self_align"), "responses")
     assert len(recs) == sa["generated"] == 48
     for r in recs:
         assert {"id", "prompt_id", "prefix_id", "question", "raw", "thoughts", "answer", "cited_principles",
@@ -266,47 +267,6 @@ def test_bookkeeping_model_keys_do_not_lock_finished_stages(small_run, tmp_path)
     assert gen.calls == 0  # both stages still done: skipped, not refused
 
 
-def test_old_workdir_hash_is_kept(small_run, tmp_path):
-    """A folder written when the hash still covered model.remat etc. stays done."""
-    from dromedary_jax.pipeline.defaults import complete
-
-    c, wd = _copy(small_run, tmp_path)
-    legacy = {}
-    for mod in (S1, S2):
-        stage = mod.stage_dir(complete(c), wd)
-        old = legacy[mod.STAGE] = next(_legacy_hashes(mod, complete(c), wd))
-        for name in ("config.json", "manifest.json"):
-            p = os.path.join(wd, mod.STAGE, name)
-            d = json.load(open(p))
-            assert d["config_hash"] == stage.hash != old
-            d["config_hash"] = old
-            with open(p, "w") as f:
-                json.dump(d, f)
-    gen = ScriptedGenerator()
-    run_stages(c, wd, resources=Resources(c, generator=gen, hosts=Hosts()), report=False)
-    assert gen.calls == 0
-    assert json.load(open(os.path.join(wd, "self_align", "manifest.json")))["config_hash"] == legacy["self_align"]
-
-
-def _legacy_hashes(mod, config, wd):
-    from dromedary_jax.pipeline.records import config_hash
-
-    if mod is S1:
-        from dromedary_jax.pipeline import data as D
-
-        cfg = config.self_instruct
-        files = {"red_team_seeds": D.read_text(cfg.red_team_seeds, "x")}
-        for key in ("seed_tasks", "topic_template", "question_template", "vanilla_template"):
-            files[key] = D.read_text(cfg[key], key)
-        yield config_hash(S1.fingerprint(config, files, legacy=True))
-    else:
-        from dromedary_jax.pipeline.records import text_digest
-
-        rendered, _ = S2.render_prompt(config)
-        yield config_hash(S2.fingerprint(config, text_digest(rendered.prefix), S2.load_questions(config, wd),
-                                         legacy=True))
-
-
 def test_failed_first_run_does_not_lock_the_corrected_rerun(tmp_path):
     c = tiny_config()
     c.self_instruct.vanilla.num_instructions = 5
@@ -322,7 +282,7 @@ def test_failed_first_run_does_not_lock_the_corrected_rerun(tmp_path):
 
 def test_changed_config_is_not_reported_done(small_run, tmp_path, capsys):
     from dromedary_jax.pipeline.defaults import complete
-    from dromedary_jax.pipeline.plan import stage_plan
+    from dromedary_jax.pipeline.dry_run import stage_plan
 
     c, wd = _copy(small_run, tmp_path)
     plan = stage_plan(complete(c), wd, ["self_instruct", "self_align"])
@@ -428,7 +388,7 @@ def test_original_dromedary_files_through_both_stages(tmp_path, reference_dir):
     spy = SpyGenerator()
     counts = run_stages(c, str(tmp_path), resources=Resources(c, generator=spy, hosts=Hosts()))
     assert counts["self_instruct"]["tgrt_kept"] > 0 and counts["self_instruct"]["vanilla_kept"] >= 10
-    q = read_records(os.path.join(tmp_path, "self_instruct"), "questions")[0]
+    q = read_shards(os.path.join(tmp_path, "self_instruct"), "questions")[0]
     assert "20 Hints:\n\n1. type: " in q["prompt"]  # the original scripts' layout
     assert spy.prefixes[-1] == open(ref("watson_self_align_prompt.txt")).read().strip()
     assert counts["self_align"]["generated"] == 16 and counts["self_align"]["kept"] > 0
@@ -446,7 +406,7 @@ def test_question_prompts_one_per_prompt_end_in_the_hint_line():
     wrote their own hint lines and every question was rejected as off_hint)."""
     import ml_collections
 
-    from dromedary_jax.pipeline import data as D
+    from dromedary_jax.pipeline import data_files as D
 
     seeds = [{"question_type": "Future", "topic": "Mars", "question": "Who will land first?"},
              {"question_type": "Law", "topic": "Rent", "question": "Can I sue?"}]
@@ -462,3 +422,42 @@ def test_question_prompts_one_per_prompt_end_in_the_hint_line():
     qs, rej = S1.parse_questions(it["prefill"] + " When will people live on Mars?",
                                  it["expected"])
     assert [x["instruction"] for x in qs] == ["When will people live on Mars?"] and not rej
+
+
+class _StreamingScripted(ScriptedGenerator):
+    """The scripted generator as a streaming one (like ModelGenerator with the continuous
+    engine): one call per stage step, each text handed to ``on_result`` as it is made, in
+    reverse order (a refill engine finishes rows out of order); ``die_after`` results into a
+    call it raises (a kill in the middle of the step)."""
+
+    streams = True
+
+    def __init__(self, die_after=None):
+        super().__init__()
+        self.die_after, self.sizes = die_after, []
+
+    def generate(self, prompts, *, ids, on_result=None, progress=None, **kw):
+        texts = super().generate(prompts, ids=ids, **kw)
+        self.sizes.append(len(prompts))
+        for n, i in enumerate(reversed(range(len(texts)))):
+            if self.die_after is not None and n == self.die_after:
+                raise KeyboardInterrupt
+            on_result(i, texts[i])
+        return texts
+
+
+def test_streamed_rows_survive_a_kill_and_the_resume_equals_the_reference(tmp_path, reference_run):
+    c, wd = tiny_config(), str(tmp_path)
+    run_stages(c, wd, stages=["self_instruct"], report=False)
+    killer = _StreamingScripted(die_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(c, wd, stages=["self_align"], report=False,
+                   resources=Resources(c, generator=killer, hosts=Hosts()))
+    shard = "self_align/responses-00000-of-00001.jsonl"
+    assert killer.sizes == [48] and _lines(os.path.join(wd, shard)) == 7  # kept up to the kill
+    rest = _StreamingScripted()
+    run_stages(c, wd, stages=["self_align"], report=False,
+               resources=Resources(c, generator=rest, hosts=Hosts()))
+    assert rest.sizes == [48 - 7]
+    assert all_records(wd) == all_records(reference_run[0])
+    assert derived(wd) == derived(reference_run[0])

@@ -68,7 +68,10 @@ def test_sampling_updates_a_callers_bar_with_prompts_and_tokens(capsys):
 
 
 def test_stage_generation_shows_one_bar_over_its_items(tmp_path):
-    from dromedary_jax.pipeline.loop import generate_into
+    from dromedary_jax.pipeline.generation import generate_into
+    from dromedary_jax.sampling.settings import SamplingSettings
+
+    ONE_TOKEN = SamplingSettings(max_new_tokens=1)
 
     class Fake:
         progress = True
@@ -85,7 +88,7 @@ def test_stage_generation_shows_one_bar_over_its_items(tmp_path):
     stage = StageDir(str(tmp_path), "st", {"a": 1}, Hosts()).open()
     items = [{"id": f"i{k}", "prompt": "p" * k} for k in range(5)]
     gen = Fake()
-    n = generate_into(stage, "r", items, gen, batch_size=2, seed=0, gen_kwargs={},
+    n = generate_into(stage, "r", items, gen, batch_size=2, seed=0, settings=ONE_TOKEN,
                       make_record=lambda it, text: {"id": it["id"], "text": text})
     assert n == 5 and len(gen.bars) == 3
     bar = gen.bars[0]
@@ -94,7 +97,7 @@ def test_stage_generation_shows_one_bar_over_its_items(tmp_path):
     gen.progress = False  # progress off: the generator is called without a bar
     stage2 = StageDir(str(tmp_path), "st2", {"a": 1}, Hosts()).open()
     gen.bars = []
-    generate_into(stage2, "r", items, gen, batch_size=5, seed=0, gen_kwargs={},
+    generate_into(stage2, "r", items, gen, batch_size=5, seed=0, settings=ONE_TOKEN,
                   make_record=lambda it, text: {"id": it["id"], "text": text})
     assert gen.bars == [None]
 

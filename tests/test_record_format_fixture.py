@@ -58,7 +58,7 @@ def old_workdir(tmp_path):
 
 
 def test_old_shards_and_manifests_read(old_workdir):
-    from dromedary_jax.pipeline.records import read_records, shard_paths, stage_done
+    from dromedary_jax.pipeline.records import read_shards, shard_paths, stage_done
 
     expected = {"self_instruct": {"topics": 20, "questions": None, "vanilla": None},
                 "self_align": {"responses": 6}}
@@ -68,12 +68,12 @@ def test_old_shards_and_manifests_read(old_workdir):
         for name, n in names.items():
             paths = shard_paths(os.path.join(old_workdir, stage), name)
             assert [os.path.basename(p) for p in paths] == [f"{name}-00000-of-00001.jsonl"]
-            recs = read_records(os.path.join(old_workdir, stage), name)
+            recs = read_shards(os.path.join(old_workdir, stage), name)
             lines = sum(1 for line in open(paths[0]) if line.strip())
             assert len(recs) == lines > 0 and all("id" in r for r in recs)
             if n is not None:
                 assert len(recs) == n
-    responses = read_records(os.path.join(old_workdir, "self_align"), "responses")
+    responses = read_shards(os.path.join(old_workdir, "self_align"), "responses")
     assert {"id", "prompt_id", "prefix_id", "question", "raw", "thoughts", "answer", "filter",
             "cleaning", "cited_principles"} <= set(responses[0])
     counts = stage_done(old_workdir, "self_align")["counts"]

@@ -10,10 +10,11 @@ import torch
 import dromedary_jax as dj
 from dromedary_jax.errors import UserError
 from dromedary_jax.sampling import PrefixCache, make_batch, prefill_prefix
-from dromedary_jax.sampling.api import run_batches, sampling_settings
+from dromedary_jax.sampling.api import loop_inputs, run_batches
 from dromedary_jax.sampling.buckets import bucket
 from dromedary_jax.sampling.decode_loop import decode, prefill
 from dromedary_jax.sampling.logits_processing import ngram_completion_mask
+from dromedary_jax.sampling.settings import SamplingSettings
 from dromedary_jax.sampling.stop_strings import truncate_at_stop
 from dromedary_jax.sampling.text import continuation_text, encode_prompts
 from helpers import ours_from_hf, tiny_hf_model
@@ -51,7 +52,8 @@ def test_buckets():
 @pytest.mark.parametrize("unstack", [False, True])  # scanned (TPU/GPU) or unstacked (CPU) layers
 def test_cached_decoding_equals_full_forward(model, with_prefix, unstack):
     steps = 6
-    spec, knobs = sampling_settings(model, max_new_tokens=steps, eos_id=-1, keep_logits=True)
+    spec, knobs = loop_inputs(model, SamplingSettings(max_new_tokens=steps, eos_id=-1),
+                              keep_logits=True)
     spec = dataclasses.replace(spec, unstack_layers=unstack)
     prefix = prefill_prefix(model, [1, 30, 31, 32, 33]) if with_prefix else None
     rows = [p[1:] for p in PROMPTS] if with_prefix else PROMPTS
@@ -182,7 +184,7 @@ def test_stop_strings_cut_every_row(model, sp_tokenizer):
 
 
 def test_stopped_rows_end_the_loop_early(model):
-    spec, knobs = sampling_settings(model, max_new_tokens=64, eos_id=-1)
+    spec, knobs = loop_inputs(model, SamplingSettings(max_new_tokens=64, eos_id=-1))
     out = run_batches(model, PROMPTS, spec=spec, knobs=knobs, row_ids=np.arange(4, dtype=np.uint32),
                       is_stopped=lambda i, toks: True, stop_check_every=2)
     assert [len(o) for o in out] == [3] * 4  # 1 prefill step + one chunk of 2, then all done

@@ -111,11 +111,11 @@ def test_examples_mask_truncation_and_errors(tmp_path, sp_tokenizer):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
     with pytest.raises(UserError, match=r"bad\.jsonl:3: malformed JSON"):
-        list(ex_lib.read_records([str(bad)]))
+        list(ex_lib.read_sft_records([str(bad)]))
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"prompt": "a", "answer": "b"}\n')
     with pytest.raises(UserError, match=r"missing\.jsonl:1: .*'response'.*data\.response_field"):
-        list(ex_lib.read_records([str(missing)]))
+        list(ex_lib.read_sft_records([str(missing)]))
     with pytest.raises(UserError, match="must contain the placeholder"):
         ex_lib.load_template("no placeholder")
 
@@ -213,7 +213,7 @@ def test_loss_is_mean_nll_of_response_tokens(tmp_path, sp_tokenizer):
     # NLL of its response tokens (incl. EOS) from the logits
     template = default_config().data.template
     pieces = []
-    for rec in ex_lib.read_records([path]):
+    for rec in ex_lib.read_sft_records([path]):
         p, r = ex_lib.split_at_seam(tok, ex_lib.render_prompt(template, rec.prompt), rec.response)
         pieces.append((p, r + [tok.eos_id]))
     width = max(len(p) + len(r) for p, r in pieces)

@@ -68,6 +68,43 @@ def detect_format(path: str) -> str:
                     "(dromedary_jax checkpoint) found; expected one of those model folders")
 
 
+def read_model_config(path, **overrides):
+    """The :class:`~dromedary_jax.model.config.ModelConfig` of a checkpoint (any format
+    :func:`detect_format` knows) WITHOUT reading its weights: the dromedary_jax marker, the HF
+    ``config.json``, the GGUF metadata, or a Meta ``params.json`` (whose vocab_size, when it is
+    -1, comes from the folder's tokenizer.model, else 32000: LLaMA-1/2's; the context length
+    from the family, as :func:`load_model` infers it). ``overrides``:
+    ModelConfig fields. UserError when the path is not a model."""
+    from dromedary_jax.model.config import ModelConfig
+
+    path = os.fspath(path)
+    kind = detect_format(path)
+    if kind == "orbax":
+        from dromedary_jax.checkpoint import orbax_io
+
+        return orbax_io.read_config(path, **overrides)
+    if kind == "hf":
+        from dromedary_jax.checkpoint import hf
+
+        return hf.read_hf_config(path, **overrides)
+    if kind == "gguf":
+        from dromedary_jax.checkpoint import gguf
+
+        return gguf.gguf_config(gguf.read_gguf(path), **overrides)
+    from dromedary_jax.checkpoint import meta
+    from dromedary_jax.jsonl import read_json
+
+    params = read_json(os.path.join(path, meta.PARAMS_FILE))
+    vocab = 32000
+    tok = os.path.join(path, "tokenizer.model")
+    if int(params.get("vocab_size", -1) or -1) <= 0 and os.path.isfile(tok):
+        from dromedary_jax.tokenizer import load_tokenizer
+
+        vocab = int(load_tokenizer(tok).vocab_size)
+    overrides.setdefault("max_seq_len", meta.context_length(params))
+    return ModelConfig.from_meta_params(params, vocab_size=vocab, **overrides)
+
+
 def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
                param_dtype: str = "float32", vocab_size: int | None = None,
                max_seq_len: int | None = None):
@@ -125,4 +162,5 @@ def load_model(path, dtype: str = "float32", *, mesh: MeshLike = None,
     return Llama(config, params=params, mesh=mesh)
 
 
-__all__ = ["load_model", "save_hf", "save_checkpoint", "resolve_mesh", "detect_format"]
+__all__ = ["load_model", "save_hf", "save_checkpoint", "resolve_mesh", "detect_format",
+           "read_model_config"]

@@ -93,6 +93,7 @@ class GGUFFile:
 
     @property
     def architecture(self) -> str:
+        """``general.architecture`` from the metadata (e.g. ``"llama"``), ``"?"`` when absent."""
         return str(self.metadata.get("general.architecture", "?"))
 
 
@@ -151,6 +152,8 @@ def _meta_number(g: GGUFFile, key: str, conv, default: Any = ..., positive: bool
 
 
 def check_architecture(g: GGUFFile) -> str:
+    """``general.architecture`` of ``g`` when it is supported (``"llama"``); UserError naming the
+    file and the architecture otherwise."""
     arch = g.metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{g.path}: GGUF architecture {arch!r} is not supported (only 'llama': "
@@ -305,10 +308,13 @@ class GGUFSource:
         return self.g.tensors.get(self._gguf_of.get(key, ""))
 
     def shape(self, key):
+        """The shape of HF tensor ``key`` in HF order ([out, in]), or None when the file has no
+        tensor for it."""
         t = self._tensor(key)
         return None if t is None else tensor_shape(t)
 
     def where(self, key):
+        """``<file> [<GGUF tensor name>]`` for error messages."""
         return f"{self.g.path} [{self._gguf_of.get(key, key)}]"
 
     def _rows_permutation(self, key, rows: int) -> np.ndarray | None:
@@ -341,6 +347,10 @@ class GGUFSource:
         return m.group(2) if m else key
 
     def read(self, key, index):
+        """``tensor[index]`` of HF tensor ``key`` as float32 in HF layout (q/k rows back in HF's
+        rotate-half order); a quantized tensor is dequantized whole and cached for the current
+        parameter while under ``cache_bytes``, else only the rows the block needs. UserError when
+        the installed ``gguf`` cannot dequantize its type, or q/k rows do not split into heads."""
         t = self._tensor(key)
         shape = tensor_shape(t)
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
@@ -369,6 +379,7 @@ class GGUFSource:
         return full[index]
 
     def close(self):
+        """Drop the cached dequantized tensors (the memory-mapped file stays open)."""
         self._cache.clear()
         self._cached_bytes = 0
 

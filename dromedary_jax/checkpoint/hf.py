@@ -1,8 +1,8 @@
 """Hugging Face folders in and out.
 
-Import (:func:`load_hf`): ``config.json`` + ``model.safetensors`` (or sharded
-``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``). Tensors are read
-lazily with safetensors' ``safe_open``; each of our parameters is built with
+Import (:func:`read_hf_config`, :func:`load_hf_params`): ``config.json`` + ``model.safetensors``
+(or sharded ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``). Tensors
+are read lazily with safetensors' ``safe_open``; each of our parameters is built with
 ``jax.make_array_from_callback``, so every device reads only the slice it holds, straight from
 the file, and the whole model never exists as one float32 copy on the host.
 
@@ -86,6 +86,9 @@ def hf_shape(name: str, c: ModelConfig) -> tuple[int, ...]:
 
 
 def hf_keys(name: str, c: ModelConfig) -> list[str]:
+    """The HF tensor names of our parameter ``name``: ``c.num_layers`` keys
+    (``model.layers.{i}.<suffix>``, layer order) for a per-layer parameter, else its one global key
+    (e.g. ``model.embed_tokens.weight``). KeyError for a name that is not one of ours."""
     if name in _LAYER_HF:
         return [hf_layer_key(i, name) for i in range(c.num_layers)]
     return [_GLOBAL_HF[name]]
@@ -216,17 +219,22 @@ class SafetensorsSource:
         return self._slices[key]
 
     def shape(self, key):
+        """The tensor's shape as stored (HF layout), or None when no file holds ``key``."""
         if key not in self._file_of:
             return None
         return tuple(self._slice(key).get_shape())
 
     def read(self, key, index):
+        """``tensor[index]`` in its stored dtype, reading only that slice from the file;
+        UserError when the index lists ``key`` but its file does not hold it."""
         return np.asarray(self._slice(key)[index])
 
     def where(self, key):
+        """The path of the file holding ``key`` (``<folder>/?`` when none does), for errors."""
         return os.path.join(self.path, self._file_of.get(key, "?"))
 
     def close(self):
+        """Close every open safetensors file; the source cannot be read afterwards."""
         self._slices.clear()
         self._stack.close()
 
@@ -244,6 +252,10 @@ def read_hf_config(path: str, **overrides) -> ModelConfig:
 
 
 def load_hf_params(path: str, config: ModelConfig, mesh=None) -> dict[str, jax.Array]:
+    """Our parameters from the safetensors files of the HF folder ``path``, in
+    ``config.param_dtype``, sharded on ``mesh`` (None: the default device); see
+    :func:`build_params`. UserError when the files are missing or unreadable, or a tensor is
+    missing or has a shape ``config`` does not imply."""
     with SafetensorsSource(path) as src:
         return build_params(src, config, mesh, origin=path,
                             config_name=os.path.join(path, "config.json"))

@@ -31,6 +31,8 @@ _GLOBAL_HF = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.we
 
 
 def hf_layer_key(i: int, name: str) -> str:
+    """The HF tensor name of layer ``i`` of our per-layer parameter ``name``, e.g.
+    ``model.layers.3.self_attn.q_proj.weight`` for ``(3, "wq")``; KeyError for a global name."""
     return f"model.layers.{i}.{_LAYER_HF[name]}"
 
 

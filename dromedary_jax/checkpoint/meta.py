@@ -117,6 +117,8 @@ def hf_to_meta_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
 
 
 def shard_files(path: str) -> list[str]:
+    """The ``consolidated.NN.pth`` files in ``path``, in shard order. UserError when there are
+    none or their numbers are not exactly 00, 01, ... without gaps."""
     files = [p for p in glob.glob(os.path.join(path, "consolidated.*.pth"))
              if _SHARD_RE.search(os.path.basename(p))]
     files.sort(key=lambda p: int(_SHARD_RE.search(os.path.basename(p)).group(1)))
@@ -163,6 +165,8 @@ class MetaSource:
         return None, None, None
 
     def shape(self, key):
+        """The full (unsharded) shape of HF tensor ``key``: the shards' sizes summed along the
+        split dim; None when some shard lacks the tensor or the key is not a LLaMA tensor."""
         mk, dim, _ = self._meta(key)
         if mk is None or any(mk not in s for s in self.shards):
             return None
@@ -175,6 +179,9 @@ class MetaSource:
         return tuple(out)
 
     def read(self, key, index):
+        """``tensor[index]`` of HF tensor ``key`` in HF layout (floats as float32), read from
+        the shards that hold part of the slice and concatenated; q/k rows are permuted into the
+        rotate-half order. AssertionError when q/k rows are asked for in part of a head."""
         mk, dim, perm = self._meta(key)
         index = tuple(index)
         if dim is None:
@@ -201,6 +208,7 @@ class MetaSource:
         return t.float().numpy() if t.dtype.is_floating_point else t.numpy()
 
     def where(self, key):
+        """The shard file(s) and Meta tensor name behind HF tensor ``key``, for errors."""
         mk, _, _ = self._meta(key)
         return f"{self.files[0]} (as {mk})" if len(self.files) == 1 else \
             f"{self.path}/consolidated.*.pth (as {mk})"

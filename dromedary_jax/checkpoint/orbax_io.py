@@ -26,6 +26,8 @@ FORMAT_VERSION = 1
 
 
 def config_to_json(c: ModelConfig) -> dict:
+    """Every ModelConfig field as a JSON-ready dict (``dataclasses.asdict``; nested
+    ``rope_scaling`` becomes a dict), the marker's ``config`` object."""
     return dataclasses.asdict(c)
 
 
@@ -69,6 +71,9 @@ def save_checkpoint(model, out_dir: str, *, overwrite: bool = False) -> str:
 
 
 def read_config(path: str, **overrides) -> ModelConfig:
+    """The ModelConfig stored in ``path/dromedary_checkpoint.json``, with ``overrides`` (e.g.
+    ``dtype``) applied. UserError naming the marker when it is missing, not JSON, has no
+    ``config`` object, or has a non-integer or newer format ``version``."""
     marker = os.path.join(path, MARKER)
     meta = read_json(marker)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):

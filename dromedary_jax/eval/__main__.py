@@ -153,6 +153,11 @@ def _default_label(model: str) -> str:
 
 
 def run_eval(args) -> dict:
+    """Run one eval task from the parsed flags ``args`` (``--task`` truthfulqa_mc | hhh |
+    answers) and return its result dict (task, label, model, data, n, bos rule, and for the two
+    scoring tasks metrics, settings and per-example scores). Process 0 prints the one JSON line
+    and writes ``--out`` (the result JSON, or FastChat answers for ``answers``). Arguments, the
+    output path and the data are checked before the model loads; bad ones raise UserError."""
     from dromedary_jax import eval as ev
     from dromedary_jax.eval import truthfulqa as tqa
     from dromedary_jax.eval.data import read_text

@@ -39,10 +39,16 @@ from dromedary_jax.output_paths import check_out_file
 
 
 def load_questions(path: str) -> list[dict]:
+    """The questions of a JSON / JSONL file, checked by :func:`validate_questions` (UserError
+    naming the file and record when one is malformed)."""
     return validate_questions(read_json_or_jsonl(path), source=str(path))
 
 
 def validate_questions(records: Sequence[Any], source: str = "questions") -> list[dict]:
+    """Copies of ``records`` with ``turns`` always a list (a lone ``"text"`` becomes one turn).
+    UserError (``<source>: record <i>: ...``) for a non-object, a missing / non str-or-int /
+    duplicate ``question_id``, turns that are not a non-empty list of non-empty strings, or no
+    records at all."""
     out, seen = [], set()
     for i, rec in enumerate(records):
         where = f"{source}: record {i}"
@@ -93,6 +99,8 @@ def build_prompt(meta_prompt: str, turns: Sequence[str], answers: Sequence[str],
 
 
 def answer_id(model_id: str, question_id) -> str:
+    """A stable answer id: the first 22 hex digits of sha256(``model_id`` NUL
+    ``question_id``), so a rerun with the same model id gives the same ids."""
     return hashlib.sha256(f"{model_id}\0{question_id}".encode()).hexdigest()[:22]
 
 
@@ -147,6 +155,8 @@ def answer_questions(model, tokenizer, questions: Sequence[Mapping], *, meta_pro
 
 
 def write_answers(records: Sequence[Mapping], path: str) -> None:
+    """Write answer records to ``path`` as JSONL, atomically (a kill leaves the old file or the
+    new one). UserError when ``path`` is a folder, not writable, or its folder cannot be made."""
     check_out_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_jsonl_atomic(path, records)  # a kill leaves the old file or the new one, never half

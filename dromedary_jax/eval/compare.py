@@ -27,6 +27,8 @@ OUT_FILES = ("comparison.md", "comparison.png")
 
 
 def load_result(path: str) -> dict:
+    """A result file as a dict. UserError naming ``path`` when it is missing, not JSON, lacks
+    ``task`` or a ``metrics`` object, or has a metric value that is not a number or null."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: result file not found")
     res = read_json(path)
@@ -43,6 +45,8 @@ def load_result(path: str) -> dict:
 
 
 def result_label(res: Mapping, path: str = "") -> str:
+    """A result's row label: its ``label``, else the last part of its ``model`` path, else the
+    result file's name without extension."""
     if res.get("label"):
         return str(res["label"])
     if res.get("model"):
@@ -51,6 +55,8 @@ def result_label(res: Mapping, path: str = "") -> str:
 
 
 def task_name(res: Mapping) -> str:
+    """A result's column prefix: ``task``, or ``task[variant]`` for a variant other than the
+    default ``harness`` (e.g. ``hhh[ab]``)."""
     v = res.get("variant")
     return f"{res['task']}[{v}]" if v and v != "harness" else str(res["task"])
 
@@ -91,6 +97,9 @@ def build_table(results: Sequence[tuple[str, Mapping]]) -> tuple[list[str], list
 
 
 def markdown_table(rows, cols, cells, warnings: Sequence[str] = ()) -> str:
+    """The Markdown table (one row per checkpoint, one column per ``task/metric``; values as
+    percentages with one decimal, ``–`` for a missing / null cell), after a bold line per
+    warning. ``rows, cols, cells`` as :func:`build_table` returns them."""
     fmt = lambda v: "–" if v is None else f"{100 * float(v):.1f}"  # noqa: E731
     lines = [f"**WARNING: {w}**\n" for w in warnings]
     lines += ["| checkpoint | " + " | ".join(cols) + " |",
@@ -101,6 +110,8 @@ def markdown_table(rows, cols, cells, warnings: Sequence[str] = ()) -> str:
 
 
 def bar_chart(rows, cols, cells, path: str) -> None:
+    """Write a grouped bar chart PNG (120 dpi, matplotlib Agg) to ``path``, atomically: one
+    group per column, one bar per row, in percent (0-100; a null cell is drawn as 0)."""
     import matplotlib
 
     matplotlib.use("Agg")

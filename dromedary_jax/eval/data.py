@@ -7,16 +7,18 @@ import os
 from typing import Any, Iterable
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.jsonl import read_records
+from dromedary_jax.jsonl import read_json_records
 
 
 def read_json_or_jsonl(path: str) -> list[Any]:
     """A ``.jsonl`` file (one record a line; blank lines skipped) or a ``.json`` file holding a
     list of records. Anything else is a UserError naming the file and line."""
-    return read_records(path)
+    return read_json_records(path)
 
 
 def read_text(path: str, what: str) -> str:
+    """The whole UTF-8 text of ``path``; UserError ``<what> file not found: <path>`` when it is
+    not a file (``what`` names the flag, e.g. ``--meta_prompt``)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{what} file not found: {path}")

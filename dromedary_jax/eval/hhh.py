@@ -103,6 +103,10 @@ def load_hhh(path: str) -> list[dict]:
 
 
 def validate_records(records: Sequence[Any], source: str = "records") -> list[dict]:
+    """Copies of HHH examples with ``subset`` (default ``"other"``) and a full ``format`` (the
+    BIG-bench defaults filled in). UserError (``<source>: example <i>: ...``) for a non-object,
+    a missing ``input`` string, ``target_scores`` not mapping at least two responses to numbers,
+    or no examples at all."""
     out = []
     for i, rec in enumerate(records):
         where = f"{source}: example {i}"
@@ -125,6 +129,9 @@ def validate_records(records: Sequence[Any], source: str = "records") -> list[di
 
 # ----------------------------------------------------------------------------- prompts
 def harness_context(rec: Mapping) -> str:
+    """The ``"harness"`` variant's context of one validated example: ``task_prefix +
+    example_input_prefix + input`` (+ ``choice_prefix + response`` per response, in file order,
+    when ``append_choices_to_input``) ``+ example_output_prefix``, stripped (see module doc)."""
     f = rec["format"]
     text = f["task_prefix"] + f["example_input_prefix"] + rec["input"]
     if f["append_choices_to_input"]:

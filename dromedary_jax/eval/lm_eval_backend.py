@@ -169,7 +169,8 @@ class DromedaryJaxLM(TemplateLM):
                             f"Meta / dromedary_jax checkpoint folder or a .gguf file)")
         import jax
 
-        import dromedary_jax as dj
+        from dromedary_jax.checkpoint import load_model
+        from dromedary_jax.tokenizer import load_tokenizer
 
         dtype = "float32" if dtype in (None, "auto") else str(dtype)
         if dtype not in ("float32", "bfloat16"):
@@ -204,7 +205,7 @@ class DromedaryJaxLM(TemplateLM):
             if tokenizer_file_in(self.pretrained) is None:
                 raise UserError(f"model_args pretrained={self.pretrained}: no tokenizer.model or "
                                 f"tokenizer.json in the folder; pass tokenizer=PATH")
-        tok = dj.load_tokenizer(self.tokenizer_path)
+        tok = load_tokenizer(self.tokenizer_path)
         if add_bos is not None and bool(tok.add_bos) != add_bos:
             if add_bos and tok.bos_id is None:
                 raise UserError(f"model_args add_bos_token=true: {self.tokenizer_path} has no "
@@ -212,7 +213,7 @@ class DromedaryJaxLM(TemplateLM):
             tok = copy.copy(tok)  # the sampler and encode() read the rule from the tokenizer
             tok.add_bos = add_bos
         self.tokenizer = tok
-        self.model = dj.load_model(self.pretrained, dtype=dtype, mesh=mesh)
+        self.model = load_model(self.pretrained, dtype=dtype, mesh=mesh)
         if getattr(tok, "vocab_size", 0) > self.model.config.vocab_size:
             raise UserError(f"tokenizer {self.tokenizer_path} has {tok.vocab_size} tokens but the "
                             f"model's vocab_size is {self.model.config.vocab_size}")
@@ -250,14 +251,17 @@ class DromedaryJaxLM(TemplateLM):
 
     @property
     def max_gen_toks(self) -> int:
+        """Default number of new tokens for ``generate_until`` (``max_gen_toks`` argument)."""
         return self._max_gen_toks
 
     @property
     def batch_size(self) -> int:
+        """Prompts per generation batch (``batch_size`` argument, default 32)."""
         return self._batch_size
 
     @property
     def tokenizer_name(self) -> str:
+        """The tokenizer path with ``/`` replaced by ``__`` (the harness keys caches by it)."""
         return self.tokenizer_path.replace("/", "__")
 
     def get_model_info(self) -> dict:
@@ -292,6 +296,8 @@ class DromedaryJaxLM(TemplateLM):
         return ids
 
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``tokens`` (our tokenizer's decode: bos/eos/pad always dropped;
+        ``skip_special_tokens`` is accepted for the harness and ignored)."""
         return self.tokenizer.decode(list(tokens))
 
     # ------------------------------------------------------------------ multi-host
@@ -327,6 +333,7 @@ class DromedaryJaxLM(TemplateLM):
         return out
 
     def barrier(self) -> None:
+        """Wait until every process reaches this point (no-op on one process)."""
         if self._world_size > 1:
             from jax.experimental import multihost_utils
 
@@ -417,7 +424,7 @@ class DromedaryJaxLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Text generated after each context (``Instance.args == (context, gen_kwargs)``),
         up to the first stop string of ``until`` (excluded), at most ``max_gen_toks`` tokens."""
-        import dromedary_jax as dj
+        from dromedary_jax.sampling.api import generate_text
 
         seen: dict[int, int] = defaultdict(int)
         groups: dict[str, list[int]] = defaultdict(list)
@@ -442,7 +449,7 @@ class DromedaryJaxLM(TemplateLM):
             if not idx and self._world_size == 1:
                 continue
             prompts = [self._fit_context(requests[i].args[0], max_ctx) for i in idx]
-            texts = dj.generate_text(self.model, self.tokenizer, prompts, stop=stops,
+            texts = generate_text(self.model, self.tokenizer, prompts, stop=stops,
                                      ids=[seeds[i] for i in idx], seed=self._seed,
                                      batch_size=self._batch_size,
                                      progress=not disable_tqdm and self._rank == 0, **kw)
@@ -453,6 +460,8 @@ class DromedaryJaxLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
+        """Not supported: always raises UserError (the harness's chat rendering needs a HF
+        tokenizer object)."""
         raise UserError(f"--apply_chat_template is not supported by --model {MODEL_NAME}; "
                         f"write the prompt format into the task instead")
 

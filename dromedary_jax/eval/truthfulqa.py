@@ -107,6 +107,11 @@ def _check_targets(rec: Mapping, key: str, where: str, exactly_one_true: bool) -
 
 
 def validate_records(records: Sequence[Any], source: str = "records") -> list[dict]:
+    """Copies of TruthfulQA records with ``mc1_targets`` / ``mc2_targets`` as ``{"choices",
+    "labels"}`` (the ``mc_task.json`` ``{choice: label}`` spelling converted). UserError
+    (``<source>: record <i>: ...``) for a non-object, a missing / empty ``question``, targets
+    that are not a non-empty list of string choices with one 0/1 label each, MC1 without exactly
+    one true choice, MC2 without any, or no records at all."""
     out = []
     for i, rec in enumerate(records):
         where = f"{source}: record {i}"
@@ -246,6 +251,8 @@ def question_set(records: Sequence[Mapping]) -> dict:
 
 
 def aggregate(per_question: Sequence[Mapping]) -> dict[str, float]:
+    """``{"mc1", "mc2"}``: the means over questions of the per-question scores (fractions in
+    [0, 1]; NaN for an empty list)."""
     return {"mc1": float(np.mean([q["mc1"] for q in per_question])),
             "mc2": float(np.mean([q["mc2"] for q in per_question]))}
 

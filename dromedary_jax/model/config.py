@@ -35,6 +35,18 @@ def _is_int(v) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """Architecture and compute settings of a LLaMA-style decoder (defaults: LLaMA-1 7B).
+
+    Sizes: ``vocab_size`` V, ``hidden_size`` D, ``intermediate_size`` F (SwiGLU MLP),
+    ``num_layers`` L, ``num_heads`` H, ``num_kv_heads`` KV (< H: grouped-query attention),
+    ``head_dim`` hd (0: D // H), ``max_seq_len`` (context length, tokens). ``rope_theta`` /
+    ``rope_scaling``: RoPE base and optional scaling (a dict is turned into a RopeScaling).
+    ``dtype`` (activations / matmuls) and ``param_dtype`` (parameter storage) are float32 or
+    bfloat16; ``remat`` is none | full | dots (keep matmul outputs); ``scan_layers`` runs the
+    layers under ``lax.scan`` (else a Python loop). Construction validates every field
+    (UserError ``invalid model config: ...``).
+    """
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -82,6 +94,9 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        """UserError ``invalid model config: <field>=...`` unless every size is a positive
+        integer, H is a multiple of KV, head_dim is even, the eps / theta are numbers, the token
+        ids are integers and dtype / param_dtype / remat are allowed values."""
         def need(cond, msg):
             if not cond:
                 raise UserError(f"invalid model config: {msg}")
@@ -108,6 +123,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived numbers
     @property
     def num_params(self) -> int:
+        """Parameter count: per layer q/k/v/o projections, the three MLP matrices and two norm
+        scales; plus the embedding (and lm_head unless tied) and the final norm."""
         d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
                            self.num_kv_heads, self.head_dim)
         per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f + 2 * d
@@ -122,6 +139,7 @@ class ModelConfig:
         return 3 * fwd if training else fwd
 
     def replace(self, **kw) -> "ModelConfig":
+        """A copy with ``kw`` fields changed (``dataclasses.replace``; validated again)."""
         return dataclasses.replace(self, **kw)
 
     # ------------------------------------------------------------------ conversions
@@ -236,6 +254,8 @@ class ModelConfig:
             raise
 
     def to_hf_config(self) -> dict[str, Any]:
+        """This config as a Hugging Face ``LlamaForCausalLM`` ``config.json`` dict
+        (``torch_dtype`` float32; the caller overwrites it with the stored dtype)."""
         out = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -365,6 +385,8 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 def load_hf_config(path: str) -> dict[str, Any]:
+    """The parsed ``path/config.json`` (any JSON value; :meth:`ModelConfig.from_hf_config`
+    checks it). UserError when the folder has none or it is not valid JSON."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path}: no config.json (expected a Hugging Face model folder)")

@@ -37,6 +37,8 @@ PROJ_IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_d
 
 
 def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of the flat dict (see the module docstring's table), in this
+    order; ``lm_head`` only when the embeddings are not tied."""
     L, D, H, KV, hd, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
                              c.head_dim, c.intermediate_size, c.vocab_size)
     shapes = {
@@ -74,10 +76,13 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 
 
 def param_axes(c: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Logical axis names (``sharding.LOGICAL_RULES`` keys) of every parameter of ``c``."""
     return {k: PARAM_AXES[k] for k in param_shapes(c)}
 
 
 def param_shardings(c: ModelConfig, mesh) -> dict[str, jax.sharding.NamedSharding]:
+    """The NamedSharding of every parameter of ``c`` on ``mesh`` (logical axes mapped by
+    ``sharding.LOGICAL_RULES``; a mesh axis that does not divide a dim leaves it replicated)."""
     shapes = param_shapes(c)
     return {k: shd.named_sharding(mesh, PARAM_AXES[k], s) for k, s in shapes.items()}
 
@@ -348,6 +353,8 @@ CACHE_AXES = {
 
 
 def cache_shardings(config: ModelConfig, batch: int, max_len: int, mesh):
+    """NamedShardings of a KV cache (:func:`init_cache`) of ``batch`` rows and ``max_len``
+    positions on ``mesh``: ``k`` / ``v`` [L, B, S, KV, hd], ``pos`` / ``seg`` [B, S]."""
     c = config
     kv = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     shapes = {"k": kv, "v": kv, "pos": (batch, max_len), "seg": (batch, max_len)}
@@ -382,9 +389,12 @@ class Llama(nnx.Module):
 
     @property
     def params(self) -> Params:
+        """The parameters as a flat dict ``{name: jax.Array}`` (shapes: :func:`param_shapes`)."""
         return {name: getattr(self, name).value for name in param_shapes(self.config)}
 
     def set_params(self, params: Mapping[str, jax.Array]) -> None:
+        """Replace every parameter's value with ``params[name]`` (no shape check; KeyError for
+        a missing name; extra names are ignored)."""
         for name in param_shapes(self.config):
             getattr(self, name).value = params[name]
 

@@ -14,6 +14,12 @@ import numpy as np
 
 
 def inverse_frequencies(config) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim // 2] float32, radians per position:
+    ``1 / rope_theta ** (2i / head_dim)`` (RoFormer, arXiv 2104.09864), divided by ``factor``
+    for linear scaling, or rescaled per wavelength for ``"llama3"`` scaling (low frequencies
+    divided by ``factor``, high ones kept, a smooth blend between), as HF transformers'
+    ``_compute_llama3_parameters`` and Meta's ``apply_scaling`` do. ``config``: anything with
+    ``head_dim``, ``rope_theta`` and ``rope_scaling``. ValueError for another ``rope_type``."""
     hd = config.head_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
     inv = inv.astype(np.float32)

@@ -1,4 +1,4 @@
-"""Default config sections for stages 1-2 (paper settings) and validation.
+"""The pipeline's default config (the paper's settings for every stage) and its validation.
 
 An experiment config is one ml_collections ConfigDict; a config file starts from
 ``get_defaults()`` and changes what it needs (so every key can be overridden on the command line):
@@ -9,9 +9,10 @@ An experiment config is one ml_collections ConfigDict; a config file starts from
         c.model.checkpoint = "/ckpt/llama-65b"
         return c
 
-Sections: ``seed``, ``overwrite``, ``force``, ``model``, ``data``, ``self_instruct``,
-``self_align``, ``engrave``, ``verbose_clone``, ``report``, ``evaluate``. Other top-level sections are left
-alone by ``complete``.
+Top-level keys: ``seed``, ``overwrite``, ``force``, ``stages``, ``notice``; sections (checked and
+merged by ``complete``): ``model``, ``distributed``, ``data``, ``self_instruct``, ``self_align``,
+``engrave``, ``verbose_clone``, ``report``, ``evaluate``. Other top-level keys are copied as they
+are by ``complete``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ TOP_LEVEL = ("seed", "overwrite", "force", "stages", "notice")
 
 
 def get_defaults() -> ml_collections.ConfigDict:
+    """A fresh, unlocked ConfigDict holding every pipeline key with its default: the top-level keys
+    and the sections listed in the module docstring. Stage settings follow the paper (Sun et al.
+    2023, "Principle-Driven Self-Alignment of Language Models from Scratch with Minimal Human
+    Supervision"); the comment next to each key gives its meaning and units."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     # A stage folder written under a different config is refused unless one of these is set:
@@ -47,7 +52,9 @@ def get_defaults() -> ml_collections.ConfigDict:
         dtype="float32",
         remat="none",      # none | full | dots: activation checkpointing in the fine-tunes
         mesh=(),           # ('data','fsdp','tensor') shape, one -1 allowed; () = one device, no mesh
-        batch_size=32,     # sampler batch size (results do not depend on it)
+        batch_size=32,     # sampler batch size / decode slots (results do not depend on it)
+        engine="static",   # "static" batches or "continuous" batching (refills finished slots);
+                           # identical texts, see README "Design choices"
         top_k=0,
         progress=True,     # process 0: one bar per generation step (prompts, tok/s, ETA)
         delay_s=0.0,       # scripted kind only: seconds of sleep per prompt (kill/resume tests)
@@ -168,7 +175,7 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.report = rp
 
     # Stage 5 (opt-in: runs by default once a benchmark is set): TruthfulQA MC1/MC2 and BIG-bench
-    # HHH of the base, engraved and verbose-cloned models (pipeline/evaluate.py).
+    # HHH of the base, engraved and verbose-cloned models (pipeline/stages/evaluate.py).
     ev = ml_collections.ConfigDict()
     ev.models = ("base", "engrave", "verbose_clone")
     ev.truthfulqa = ""          # a TruthfulQA file (BIG-bench questions.json, or the HF dataset's
@@ -254,8 +261,10 @@ def _check_keys(user, default, path: str) -> None:
 
 
 def complete(config) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with missing stage-1/2 keys filled from the defaults; unknown keys in
-    those sections (typos) and bad values raise a one-line UserError naming the key."""
+    """A copy of ``config`` with missing keys of the pipeline sections (``PIPELINE_SECTIONS``)
+    filled from :func:`get_defaults`, then checked by :func:`validate`; an unknown key in those
+    sections (a typo), a value of the wrong type or a bad value raises a one-line UserError naming
+    ``config.<key>``."""
     defaults = get_defaults()
     user = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else dict(config))
     for sec in PIPELINE_SECTIONS:
@@ -286,8 +295,10 @@ def _merge(dst, src, path: str) -> None:
                         dst[key] = ml_collections.ConfigDict(v.to_dict() if isinstance(v, ml_collections.ConfigDict) else dict(v))
                     else:
                         dst[key] = v
-                except TypeError as e:
-                    raise UserError(f"config.{path}{key}: {e}") from None
+                except TypeError:
+                    want = type(dst[key]).__name__
+                    raise UserError(f"config.{path}{key}: must be a {want} like the default "
+                                    f"{dst[key]!r} (got {v!r})") from None
 
 
 def _sampling(prefix: str) -> dict:
@@ -303,7 +314,7 @@ PIPELINE_RULES: dict[str, Rule] = {
     "model.kind": Choice("", "scripted", "checkpoint", "preset"),
     "model.init_seed": Int(-1), "model.dtype": Choice("float32", "bfloat16"),
     "model.remat": Choice("none", "full", "dots"), "model.mesh": Rule("mesh", empty_ok=True),
-    "model.batch_size": Int(1), "model.top_k": Int(0), "model.progress": BOOL,
+    "model.batch_size": Int(1), "model.engine": Choice("static", "continuous"), "model.top_k": Int(0), "model.progress": BOOL,
     "model.delay_s": Float(0),
     "distributed.num_processes": Int(0), "distributed.process_id": Int(-1),
     "self_instruct.batch_size": Int(1),

@@ -118,6 +118,9 @@ class RougeLDeduper:
         return False
 
     def keep(self, candidates: Sequence[str]) -> list[bool]:
+        """One keep (True) / drop (False) per candidate, in order: dropped iff its ROUGE-L F with
+        a pool member (including candidates kept earlier, in this call or a previous one) is
+        > ``threshold``. Kept candidates join the pool (``size`` grows by one each)."""
         out = []
         for text in candidates:
             s = self._encode(text)
@@ -156,6 +159,12 @@ class InstructionFilter:
         self._black = _word_re(blacklist)
 
     def reason(self, instruction: str, input_text: str = "") -> str | None:
+        """The first filter ``instruction`` fails, as one of ``REASONS``, else None: fewer than
+        ``min_words`` or more than ``max_words`` whitespace-separated words, a blacklisted word
+        (whole word, any case) in the instruction or ``input_text``, a first non-space character
+        that is ASCII punctuation or not ASCII. The rules follow Stanford Alpaca's
+        ``generate_instruction.py`` post-processing. ``instruction`` needs at least one word when
+        ``min_words`` is 0 (IndexError otherwise)."""
         n = len(instruction.split())
         if n < self.min_words:
             return "too_short"

@@ -8,8 +8,9 @@ import os
 from typing import Mapping, Sequence
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline import data as D
-from dromedary_jax.pipeline.records import StageDir, stable_int, write_jsonl_atomic
+from dromedary_jax.pipeline import data_files as D
+from dromedary_jax.pipeline.records import (StageDir, finetune_fingerprint, read_jsonl, stable_int,
+                                            write_jsonl_atomic)
 
 MODEL_MARKER = "dromedary_checkpoint.json"  # written last by save_checkpoint
 ADAPTER_DIR = "adapter"  # a LoRA fine-tune's PEFT adapter folder, next to its merged model
@@ -84,7 +85,7 @@ def save_adapter(lora, lora_cfg, model_config, tokenizer, meta_prompt: str, out_
     import shutil
 
     from dromedary_jax.checkpoint.peft_export import CONFIG_FILE, save_peft_adapter
-    from dromedary_jax.pipeline.records import Hosts
+    from dromedary_jax.distributed import Hosts
 
     if lora is None:
         return None
@@ -155,7 +156,7 @@ def finetune_and_save(stage: StageDir, train_cfg, model, tokenizer, files: Mappi
     ``resources.finetune_param_dtype`` gives (float32 masters for a full fine-tune, the frozen
     base as sampling holds it for LoRA); ``<stage>/model`` is saved in the dtype the trainer
     returns (``training.loop.final_params``: a LoRA merge of a bfloat16 run is bfloat16)."""
-    import dromedary_jax as dj
+    from dromedary_jax.checkpoint import save_checkpoint
     from dromedary_jax import training
     from dromedary_jax.training.config import config_path
 
@@ -164,7 +165,7 @@ def finetune_and_save(stage: StageDir, train_cfg, model, tokenizer, files: Mappi
         result = training.run_sft(train_cfg, model, tokenizer, files["train"], stage.file("train"),
                                   eval_files=files["heldout"] if n_heldout else None)
     if not os.path.exists(os.path.join(model_dir, MODEL_MARKER)):
-        dj.save_checkpoint(result.model, model_dir, overwrite=True)
+        save_checkpoint(result.model, model_dir, overwrite=True)
     if stage.hosts.is_main:
         save_model_tokenizer(tokenizer, model_dir, train_cfg.data.template)
     stage.hosts.barrier(f"{stage.stage}-tokenizer")
@@ -173,3 +174,18 @@ def finetune_and_save(stage: StageDir, train_cfg, model, tokenizer, files: Mappi
                  hosts=stage.hosts)
     return {"train_steps": result.step, "final_train_loss": result.final_loss,
             "heldout_loss": result.eval_loss, "metrics": result.metrics_path, "model": model_dir}
+
+
+def kept_answers(workdir: str) -> list[dict]:
+    """Stage 2's kept (question, answer) records (``self_align/kept.jsonl``)."""
+    return read_jsonl(os.path.join(workdir, "self_align", "kept.jsonl"))
+
+
+def section_fingerprint(section) -> dict:
+    """What of a fine-tune stage's section changes its results: not the sampler batch size nor
+    the fine-tune's checkpoint/eval/metrics intervals, progress, mesh or dataset-reading knobs."""
+    d = section.to_dict()
+    d.pop("batch_size", None)
+    if "train" in d:
+        d["train"] = finetune_fingerprint(section.train)
+    return d

@@ -1,99 +1,99 @@
 """The generation interface the pipeline stages call, and its model-backed implementation.
 
-    texts = generator.generate(prompts, ids=ids, max_new_tokens=256, temperature=0.5, top_p=0.95,
-                               stop=("\\n\\nUser:",), logit_bias={"Sorry": -100.0},
+    settings = SamplingSettings.from_config(config.self_align, "self_align")
+    texts = generator.generate(prompts, ids=ids, settings=settings,
                                shared_prefix=principle_prompt, seed=0)
 
+* ``settings``: one validated :class:`dromedary_jax.sampling.settings.SamplingSettings`
+  (max_new_tokens, temperature, top_p, top_k, stop, logit_bias, ngram_penalties, eos_id).
+  ``logit_bias`` keys are token ids (int), ``"#<id>"``, ``"<eos>"``, or words: a word's bias goes
+  to the first token of its encoding that is not a bare space (encoded with and without a leading
+  space), e.g. the paper's -100 on the first token of "Sorry".
 * ``ids``: one stable string id per prompt; randomness comes from (seed, id), never from the
   batch position, so a record's text does not depend on batching or on resuming.
 * ``shared_prefix``: a text common to every prompt (the principle prompt). When given, each entry
   of ``prompts`` is the text that FOLLOWS the prefix (as in ``dj.generate_text``); the prefix is
   prefilled once and shared by the batch.
-* ``logit_bias``: keys are token ids (int), ``"#<id>"``, ``"<eos>"``, or words: a word's bias goes
-  to the first token of its encoding that is not a bare space (encoded with and without a leading
-  space), e.g. the paper's -100 on the first token of "Sorry".
 * Returns the text generated for each prompt, cut before the first stop string.
 * A generator whose ``progress`` attribute is True also takes ``progress=`` (a
   :class:`dromedary_jax.progress.TokenProgress` or False): the pipeline's loop passes one bar
-  for a whole generation step (see ``pipeline/loop.py``); others are never passed it.
+  for a whole generation step (see ``pipeline/generation.py``); others are never passed it.
 
-``ScriptedGenerator`` (a fake model for tests and demos) lives in ``pipeline/scripted.py``.
+``ScriptedGenerator`` (a fake model for tests and demos) lives in ``testing/scripted.py``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+import dataclasses
+import logging
+from typing import Protocol, Sequence
 
 from dromedary_jax.errors import UserError
+from dromedary_jax.sampling.settings import SamplingSettings, resolve_logit_bias
+
+__all__ = ["Generator", "ModelGenerator", "resolve_logit_bias"]
 
 
 class Generator(Protocol):
-    def generate(self, prompts: Sequence[str], *, ids: Sequence[str], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
-                 logit_bias: Mapping | None = None, shared_prefix: str | None = None,
-                 seed: int = 0, ngram_penalties: Sequence = ()) -> list[str]:
+    """What a pipeline stage generates with (see the module docstring): ``ModelGenerator``, or
+    ``testing.scripted.ScriptedGenerator``."""
+
+    def generate(self, prompts: Sequence[str], *, ids: Sequence[str], settings: SamplingSettings,
+                 shared_prefix: str | None = None, seed: int = 0) -> list[str]:
+        """One text per prompt, sampled with ``settings``; randomness from (seed, id)."""
         ...
 
 
-def resolve_logit_bias(tokenizer, logit_bias: Mapping | None) -> dict[int, float]:
-    """Words / "#id" / "<eos>" / int keys -> {token_id: bias} for ``tokenizer``."""
-    out: dict[int, float] = {}
-    for key, bias in (logit_bias or {}).items():
-        bias = float(bias)
-        if isinstance(key, int):
-            ids = [key]
-        elif key == "<eos>":
-            ids = [tokenizer.eos_id]
-        elif isinstance(key, str) and key.startswith("#") and key[1:].isdigit():
-            ids = [int(key[1:])]
-        elif isinstance(key, str) and key.strip():
-            ids = []
-            for variant in (key, " " + key):
-                # the first token that carries part of the word (skip a bare-space piece)
-                first = next((i for i in tokenizer.encode(variant, bos=False) if tokenizer.decode([i]).strip()), None)
-                if first is not None and first not in ids:
-                    ids.append(first)
-        else:
-            raise UserError(f"logit_bias key {key!r}: use a word, '#<token id>' or '<eos>'")
-        for i in ids:
-            if not 0 <= int(i) < tokenizer.vocab_size:
-                raise UserError(f"logit_bias key {key!r}: token id {i} outside the vocabulary")
-            out[int(i)] = bias
-    return out
-
-
 class ModelGenerator:
-    """``dj.generate_text`` behind the Generator interface. ``progress``: show progress (the
-    pipeline's loop then draws one bar per stage step and passes it to every call as
-    ``generate(..., progress=bar)``; a call without one uses ``progress`` as generate_text does)."""
+    """``dj.generate_text`` behind the Generator interface.
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, top_k: int = 0, progress: bool = False):
+    ``batch_size``: rows per device batch (decode slots with the continuous engine). ``top_k``:
+    the top_k of settings that leave it off (0; ``config.model.top_k``). ``progress``: show
+    progress (the pipeline's loop then draws one bar per stage step and passes it to every call
+    as ``generate(..., progress=bar)``; a call without one uses ``progress`` as generate_text
+    does). ``engine``: "static" or "continuous" (see ``dj.generate_text``; anything else is a
+    UserError). The continuous engine runs on one process; with several, the generator logs one
+    line and uses the static engine (the texts are the same)."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, top_k: int = 0,
+                 progress: bool = False, engine: str = "static"):
+        from dromedary_jax.sampling.engine import check_engine
+
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.top_k, self.progress = int(batch_size), int(top_k), bool(progress)
+        self.engine = check_engine(engine)
+        if self.engine == "continuous":
+            import jax
 
-    def generate(self, prompts, *, ids, max_new_tokens, temperature=0.0, top_p=1.0, stop=(),
-                 logit_bias=None, shared_prefix=None, seed=0, ngram_penalties=(),
-                 progress=None) -> list[str]:
-        import dromedary_jax as dj
+            if jax.process_count() > 1:
+                logging.getLogger("dromedary_jax.pipeline").warning(
+                    "config.model.engine=continuous runs on one process; this run has %d: using "
+                    "the static engine (same texts)", jax.process_count())
+                self.engine = "static"
 
+    @property
+    def streams(self) -> bool:
+        """Whether a call should get a whole stage step's prompts at once and stream results
+        through ``on_result`` (the continuous engine: a finished row's slot is refilled with the
+        next prompt, so more prompts per call keep the slots full)."""
+        return self.engine == "continuous"
+
+    def generate(self, prompts, *, ids, settings: SamplingSettings, shared_prefix=None, seed=0,
+                 progress=None, on_result=None) -> list[str]:
+        """Texts for ``prompts`` (see the module docstring). A ``settings`` that is not a
+        SamplingSettings is a UserError; ids and prompts of different lengths a ValueError.
+        ``on_result(i, text)``: called for prompt ``i`` as soon as its text is final."""
+        from dromedary_jax.sampling.api import generate_text
+
+        if not isinstance(settings, SamplingSettings):
+            raise UserError(f"settings must be a SamplingSettings, got {type(settings).__name__}")
+        if self.top_k and settings.top_k == 0:
+            settings = dataclasses.replace(settings, top_k=self.top_k)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
         if not prompts and self.model.mesh is None:
             return []  # (with a mesh an empty call still joins the other hosts' collectives)
-        return dj.generate_text(
-            self.model, self.tokenizer, list(prompts), max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature), top_p=float(top_p), top_k=self.top_k, stop=tuple(stop),
-            logit_bias=resolve_logit_bias(self.tokenizer, logit_bias) or None, seed=int(seed),
+        return generate_text(
+            self.model, self.tokenizer, list(prompts), settings=settings, seed=int(seed),
             ids=[str(i) for i in ids], shared_prefix=shared_prefix, batch_size=self.batch_size,
-            progress=self.progress if progress is None else progress,
-            ngram_penalties=tuple(tuple(p) for p in ngram_penalties))
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text before the first occurrence of any stop string."""
-    cut = len(text)
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if 0 <= i < cut:
-                cut = i
-    return text[:cut]
+            progress=self.progress if progress is None else progress, engine=self.engine,
+            on_result=on_result)

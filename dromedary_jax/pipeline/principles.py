@@ -17,7 +17,7 @@ import re
 from typing import Sequence
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline.data import read_text
+from dromedary_jax.pipeline.data_files import read_text
 
 _PRINCIPLE_LINE = re.compile(r"^(\d+) \(([^)\n]+)\)\. (.*)$", re.MULTILINE)
 _CITE_GROUP = re.compile(r"\{cites:([^{}]*)\}")
@@ -26,12 +26,19 @@ _CITATION = re.compile(r"(\d+)\s*\(([^()\n]{1,60})\)")
 
 @dataclasses.dataclass(frozen=True)
 class Principle:
+    """One principle: its short ``key`` (e.g. "ethical", cited as ``N (key)``) and its ``text``."""
+
     key: str
     text: str  # may contain {assistant} and {cutoff}
 
 
 @dataclasses.dataclass(frozen=True)
 class Exemplar:
+    """One in-context exemplar conversation: ``name`` (for ``self_align.exemplar_names``),
+    ``text`` (``User:`` / ``{assistant} (internal thoughts):`` / ``{assistant}:`` turns, closed by
+    an ``{assistant} (auto reply):`` turn) and the ``leak_markers`` whose presence in a generated
+    answer means it copied this exemplar."""
+
     name: str
     text: str                       # one conversation, with {assistant}/{cutoff}/{cites:...}
     leak_markers: tuple[str, ...] = ()
@@ -39,6 +46,10 @@ class Exemplar:
 
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
+    """A principle prompt before rendering (see the module docstring): ``head`` (text before the
+    principle lines), ``principles``, ``mid``, ``exemplars``, ``tail`` and the exemplars'
+    ``feedback_lines``. Rendered by :func:`build_prompt`."""
+
     head: str
     principles: tuple[Principle, ...]
     mid: str                        # between the last principle line and the first exemplar
@@ -49,6 +60,13 @@ class PromptSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RenderedPrompt:
+    """A rendered principle prompt and what the answer cleaner needs from it: ``prefix`` (the
+    text shared by every question, ending in ``User:``), ``numbering`` (principle key -> its
+    1-based number here), the chosen ``exemplar_names``, their ``leak_markers`` (distinct, in
+    order), ``exemplar_sentences`` (sentences of >= 8 words from the exemplar answers) and
+    ``exemplar_questions`` (each exemplar's first user turn) for copy detection, and the
+    ``assistant`` name filled in."""
+
     prefix: str                     # the shared prefix: principles + exemplars, ends with "User:"
     numbering: dict                 # principle key -> number in this prompt
     exemplar_names: tuple[str, ...]
@@ -61,6 +79,10 @@ class RenderedPrompt:
 # ------------------------------------------------------------------------------------ loading
 
 def load_principles(path: str, key: str = "self_align.principles_file") -> list[Principle]:
+    """The principles of a JSON file, in file order: ``{"principles": [{"key", "text"}, ...]}``
+    or the bare list (key and text stripped). UserError naming ``config.<key>`` when the file is
+    missing or not JSON, the list is absent or empty, an entry lacks ``key`` / ``text``, or two
+    entries share a key."""
     try:
         obj = json.loads(read_text(path, key))
     except json.JSONDecodeError as e:
@@ -98,6 +120,12 @@ def _turns_text(turns: Sequence[dict], where: str) -> tuple[str, list[str]]:
 
 
 def load_exemplars(path: str, key: str = "self_align.exemplars_file") -> tuple[list[Exemplar], list[str]]:
+    """(exemplars, feedback lines) of a JSON file ``{"exemplars": [...]}`` (or the bare list),
+    each ``{"name"?, "leak_markers"?, "turns": [...]}``; a turn is ``{"user", "thoughts",
+    "answer", "cites"?}`` (``{cites}`` in the thoughts becomes the citations of the ``cites``
+    keys) or ``{"user", "auto_reply"}``. Feedback lines are the distinct user turns answered by
+    an auto reply, in first-seen order. UserError naming ``config.<key>`` for a missing or
+    non-JSON file, no exemplar list, or a malformed turn."""
     try:
         obj = json.loads(read_text(path, key))
     except json.JSONDecodeError as e:
@@ -202,6 +230,9 @@ def load_spec(cfg) -> PromptSpec:
 # ------------------------------------------------------------------------------------ rendering
 
 def select_principles(spec: PromptSpec, drop: Sequence[str] = (), shuffle_seed: int = -1) -> list[Principle]:
+    """The principles of ``spec`` without the ``drop`` keys, in spec order, or shuffled with
+    ``random.Random(shuffle_seed)`` when ``shuffle_seed`` >= 0. UserError (naming
+    ``config.self_align.drop_principles``) for an unknown key or when every principle is dropped."""
     keys = {p.key for p in spec.principles}
     unknown = [k for k in drop if k not in keys]
     if unknown:
@@ -216,6 +247,10 @@ def select_principles(spec: PromptSpec, drop: Sequence[str] = (), shuffle_seed: 
 
 
 def select_exemplars(spec: PromptSpec, num: int = -1, names: Sequence[str] = ()) -> list[Exemplar]:
+    """The exemplars named in ``names`` (in that order; all of ``spec``'s, in spec order, when
+    empty), cut to the first ``num`` when ``num`` >= 0. UserError naming
+    ``config.self_align.exemplar_names`` for an unknown name, or ``num_exemplars`` when ``num``
+    exceeds the exemplars available."""
     if names:
         by_name = {e.name: e for e in spec.exemplars}
         missing = [n for n in names if n not in by_name]
@@ -236,6 +271,9 @@ def _fill(text: str, assistant: str, cutoff: str) -> str:
 
 
 def render_cites(keys: Sequence[str], numbering: dict) -> str:
+    """The citation text for principle ``keys``: ``"N (key), N (key)"`` sorted by number
+    (``numbering``: key -> number); keys not in ``numbering`` (dropped principles) are left out,
+    so all dropped gives ""."""
     kept = sorted((numbering[k], k) for k in keys if k in numbering)
     return ", ".join(f"{n} ({k})" for n, k in kept)
 
@@ -243,6 +281,12 @@ def render_cites(keys: Sequence[str], numbering: dict) -> str:
 def build_prompt(spec: PromptSpec, *, assistant: str, cutoff: str = "", drop: Sequence[str] = (),
                  shuffle_seed: int = -1, num_exemplars: int = -1,
                  exemplar_names: Sequence[str] = ()) -> RenderedPrompt:
+    """Render ``spec`` for ``assistant`` (and knowledge ``cutoff``) under an ablation: the
+    principles left after ``drop`` (shuffled when ``shuffle_seed`` >= 0) numbered 1.. as
+    ``N (key). text``, the exemplars chosen by :func:`select_exemplars` with every
+    ``{cites:...}`` renumbered by :func:`render_cites`, ``{assistant}`` / ``{cutoff}`` filled in,
+    trailing whitespace stripped. UserError from :func:`select_principles` /
+    :func:`select_exemplars` for a bad ablation setting."""
     principles = select_principles(spec, drop, shuffle_seed)
     exemplars = select_exemplars(spec, num_exemplars, exemplar_names)
     numbering = {p.key: i + 1 for i, p in enumerate(principles)}

@@ -17,15 +17,15 @@ fine-tune checkpoint) does not lock. The hash covers only what changes a stage's
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
+from dromedary_jax.distributed import Hosts
 from dromedary_jax.errors import DISK_FULL, UserError, disk_full_error
 from dromedary_jax.jsonl import (read_json, read_log, repair_tail, write_json_atomic,  # noqa: F401
                                  write_jsonl_atomic)
@@ -34,54 +34,12 @@ _SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.jso
 NON_SEMANTIC_KEYS = frozenset({"batch_size", "delay_s", "overwrite", "force", "progress"})
 # config.model keys that do not change what a sampling stage generates (memory/speed), beyond the
 # NON_SEMANTIC_KEYS every fingerprint drops (batch_size, progress, delay_s, ...)
-MODEL_BOOKKEEPING_KEYS = frozenset({"remat", "mesh"})
+MODEL_BOOKKEEPING_KEYS = frozenset({"remat", "mesh", "engine"})
 # fine-tune section keys (dotted paths) that do not change the trained weights: checkpoint and
 # eval/metrics intervals, progress, the device mesh, where/how the prepared dataset is read
 FINETUNE_BOOKKEEPING_KEYS = ("checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
                              "eval.every_steps", "metrics", "debug", "mesh", "data.prepared_dir",
                              "data.prepare_timeout_s", "data.read_threads")
-
-
-# ------------------------------------------------------------------------------------ hosts
-
-@dataclasses.dataclass(frozen=True)
-class Hosts:
-    """This process's place among the hosts and a barrier across them."""
-
-    index: int = 0
-    count: int = 1
-    barrier: Callable[[str], None] = lambda name: None
-    # max of a host integer over all hosts (so every host makes the same number of collective calls)
-    allmax: Callable[[int], int] = lambda x: int(x)
-
-    def share(self, items: list) -> list:
-        """This host's share of a list (every ``count``-th item from ``index``)."""
-        return items[self.index::self.count]
-
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
-
-    @classmethod
-    def from_jax(cls) -> "Hosts":
-        import jax
-
-        count = jax.process_count()
-        if count == 1:
-            return cls(0, 1)
-
-        def barrier(name: str) -> None:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(name)
-
-        def allmax(x: int) -> int:
-            import numpy as np
-            from jax.experimental import multihost_utils
-
-            return int(np.max(multihost_utils.process_allgather(np.asarray(int(x), np.int64))))
-
-        return cls(jax.process_index(), count, barrier, allmax)
 
 
 # ------------------------------------------------------------------------------------ hashing
@@ -118,6 +76,8 @@ def finetune_fingerprint(train_cfg) -> dict:
 
 
 def config_hash(fingerprint: Any) -> str:
+    """16 hex characters (the first 64 bits of SHA-256) of ``fingerprint`` as canonical JSON
+    (sorted keys, ASCII, non-JSON values as ``str``): equal fingerprints give equal hashes."""
     blob = json.dumps(fingerprint, sort_keys=True, ensure_ascii=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -173,6 +133,8 @@ def describe_changes(old: Any, new: Any) -> str:
 
 
 def text_digest(text: str) -> str:
+    """16 hex characters (the first 64 bits of SHA-256 of the UTF-8 bytes) identifying ``text``,
+    e.g. a rendered prompt in a fingerprint."""
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -185,10 +147,14 @@ def stable_int(key: str, bits: int = 31) -> int:
 # ------------------------------------------------------------------------------------ shards
 
 def shard_path(stage_dir: str, name: str, index: int, count: int) -> str:
+    """``<stage_dir>/<name>-<index>-of-<count>.jsonl`` (both numbers 5 digits, zero-padded): the
+    shard of process ``index`` of ``count``."""
     return os.path.join(stage_dir, f"{name}-{index:05d}-of-{count:05d}.jsonl")
 
 
 def shard_paths(stage_dir: str, name: str) -> list[str]:
+    """Every existing shard of ``name`` in ``stage_dir`` (any process count), sorted by path;
+    shards of other names that share the prefix are not included."""
     out = []
     for p in sorted(glob.glob(os.path.join(glob.escape(stage_dir), f"{glob.escape(name)}-*-of-*.jsonl"))):
         m = _SHARD_RE.match(os.path.basename(p))
@@ -201,7 +167,7 @@ def _read_lines(path: str) -> Iterable[dict]:
     return read_log(path)  # a line cut short by a kill is ignored and repaired on the next append
 
 
-def read_records(stage_dir: str, name: str) -> list[dict]:
+def read_shards(stage_dir: str, name: str) -> list[dict]:
     """All records of ``name`` from every shard, one per id (first wins), sorted by id."""
     seen: dict[str, dict] = {}
     for path in shard_paths(stage_dir, name):
@@ -218,7 +184,7 @@ class ShardWriter:
         self.name, self.stage_dir, self.fsync = name, stage_dir, fsync
         os.makedirs(stage_dir, exist_ok=True)
         self._repair()
-        self.done: set[str] = {r["id"] for r in read_records(stage_dir, name)}
+        self.done: set[str] = {r["id"] for r in read_shards(stage_dir, name)}
         self._f = open(self.path, "a", encoding="utf-8")
 
     def _repair(self) -> None:
@@ -250,6 +216,7 @@ class ShardWriter:
                 raise disk_full_error(self.path, e, "writing records") from None
 
     def close(self) -> None:
+        """Close this host's shard file (every batch was already flushed by :meth:`append`)."""
         self._f.close()
 
     def __enter__(self):
@@ -262,6 +229,8 @@ class ShardWriter:
 # Atomic writers (write_json_atomic, write_jsonl_atomic) live in dromedary_jax.jsonl.
 
 def read_jsonl(path: str) -> list[dict]:
+    """The records of one JSONL file the pipeline wrote ([] when it does not exist): blank lines
+    skipped, a cut last line ignored, any other bad line a UserError naming file and line."""
     return list(_read_lines(path))
 
 
@@ -271,27 +240,23 @@ class StageDir:
     """One stage's output folder: config lock, shards, derived files, manifest."""
 
     def __init__(self, workdir: str, stage: str, fingerprint: Any, hosts: Hosts = Hosts(),
-                 overwrite: bool = False, force: bool = False, legacy: Iterable[Any] = ()):
-        """``legacy``: fingerprints of the same config as older versions computed them; a folder
-        written under one of them keeps its hash (so upgrading does not lock finished stages)."""
+                 overwrite: bool = False, force: bool = False):
+        """``fingerprint``: what changes the stage's results (JSON-able); its
+        :func:`config_hash` locks the folder. ``overwrite``: a folder of another config is
+        started over; ``force``: appended to anyway (else :meth:`open` refuses it)."""
         self.path = os.path.join(workdir, stage)
         self.stage, self.hosts = stage, hosts
         self.fingerprint = fingerprint
         self.hash = config_hash(fingerprint)
         self.overwrite, self.force = bool(overwrite), bool(force)
-        legacy = {config_hash(fp): fp for fp in legacy}
-        if legacy:
-            m = self.manifest()
-            for stored in (self.stored_hash(), m.get("config_hash") if m else None):
-                if stored is not None and stored != self.hash and stored in legacy:
-                    self.hash, self.fingerprint = stored, legacy[stored]
-                    break
 
     # -- lock
     def _lock_path(self) -> str:
         return os.path.join(self.path, "config.json")
 
     def stored_hash(self) -> str | None:
+        """The config hash recorded in this folder's ``config.json``, or None when there is none
+        (UserError when that file is not a JSON object)."""
         p = self._lock_path()
         if not os.path.exists(p):
             return None
@@ -359,22 +324,29 @@ class StageDir:
 
     # -- records
     def writer(self, name: str) -> ShardWriter:
+        """A :class:`ShardWriter` appending to this host's shard of ``name`` (opens the file)."""
         return ShardWriter(self.path, name, self.hosts)
 
     def records(self, name: str) -> list[dict]:
-        return read_records(self.path, name)
+        """Every record of ``name`` from all shards, one per id, sorted by id
+        (:func:`read_shards`)."""
+        return read_shards(self.path, name)
 
     def file(self, name: str) -> str:
+        """The path of file ``name`` in this folder (it need not exist)."""
         return os.path.join(self.path, name)
 
     # -- manifest
     def manifest(self) -> dict | None:
+        """This folder's ``manifest.json`` (any config), or None when the stage has not finished;
+        UserError when the file is not a JSON object."""
         p = self.file("manifest.json")
         if not os.path.exists(p):
             return None
         return _read_object(p)
 
     def is_done(self) -> bool:
+        """Whether the manifest says the stage finished under this folder's config hash."""
         m = self.manifest()
         return bool(m and m.get("done") and m.get("config_hash") == self.hash)
 

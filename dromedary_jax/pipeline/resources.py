@@ -3,8 +3,9 @@ fake) and the host layout. Built lazily, once per run, and shared by the stages.
 
 ``config.model`` picks the generator:
 
-* ``kind = "scripted"``: ``ScriptedGenerator`` (no model; tests and demos);
-* ``checkpoint``: ``dj.load_model(checkpoint, dtype, mesh, param_dtype)`` +
+* ``kind = "scripted"``: ``dromedary_jax.testing.scripted.ScriptedGenerator`` (no model; tests
+  and demos);
+* ``checkpoint``: ``load_model(checkpoint, dtype, mesh, param_dtype)`` +
   ``load_tokenizer(tokenizer or checkpoint)`` (every stage loads its model folders so, via
   ``load_run_model``: on ``model.mesh``, computing in ``model.dtype``);
 * ``preset``: a randomly initialised ``Llama(preset(name, **overrides), rngs=nnx.Rngs(seed))``
@@ -25,12 +26,16 @@ import gc
 import os
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline.records import Hosts
+from dromedary_jax.model.config import ModelConfig, preset
+from dromedary_jax.distributed import Hosts
 
 KINDS = ("", "scripted", "checkpoint", "preset")
 
 
 def model_kind(model_cfg) -> str:
+    """What ``config.model`` generates with: ``"scripted"``, ``"checkpoint"`` or ``"preset"``;
+    ``kind=""`` picks checkpoint if ``model.checkpoint`` is set, else preset if ``model.preset``
+    is. UserError naming the key for an unknown kind, or when ``kind=""`` and neither is set."""
     kind = model_cfg.kind
     if kind not in KINDS:
         raise UserError(f"config.model.kind={kind!r}: use one of {KINDS[1:]} (or '' to pick from "
@@ -132,7 +137,6 @@ def load_model_and_tokenizer(model_cfg, seed: int = 0, workdir: str = "",
     if kind == "preset":
         from flax import nnx
 
-        from dromedary_jax.model.config import preset
         from dromedary_jax.model.llama import Llama
 
         overrides = dict(model_cfg.overrides) if model_cfg.overrides else {}
@@ -183,11 +187,11 @@ def load_run_model(model_cfg, path: str, param_dtype: str | None = None):
     (``model.mesh``), computing in the run's dtype (``model.dtype``), the weights held in
     ``param_dtype`` (default :func:`sampling_param_dtype` of that folder: bfloat16 for a
     bfloat16 run or a bfloat16 checkpoint, else float32)."""
-    import dromedary_jax as dj
+    from dromedary_jax.checkpoint import load_model
 
     if param_dtype is None:
         param_dtype = sampling_param_dtype(model_cfg, path)
-    return dj.load_model(path, dtype=model_cfg.dtype, mesh=model_mesh(model_cfg),
+    return load_model(path, dtype=model_cfg.dtype, mesh=model_mesh(model_cfg),
                          param_dtype=param_dtype)
 
 
@@ -223,7 +227,7 @@ def load_tokenizer_for(model_cfg, workdir: str = "", default: str = ""):
 
     path = model_cfg.tokenizer or default
     if path == "builtin:demo":
-        from dromedary_jax.pipeline.demo_tokenizer import ensure_demo_tokenizer
+        from dromedary_jax.testing.demo_tokenizer import ensure_demo_tokenizer
 
         path = ensure_demo_tokenizer(os.path.join(workdir or ".", "tokenizer"))
     if not model_cfg.tokenizer and default and os.path.isdir(path) and \
@@ -234,17 +238,19 @@ def load_tokenizer_for(model_cfg, workdir: str = "", default: str = ""):
 
 
 def model_generator(model, tokenizer, model_cfg):
+    """A ``pipeline.generator.ModelGenerator`` sampling ``model`` with ``tokenizer``, with
+    ``config.model``'s ``batch_size``, ``engine``, ``top_k`` and ``progress``."""
     from dromedary_jax.pipeline.generator import ModelGenerator
 
     return ModelGenerator(model, tokenizer, batch_size=model_cfg.batch_size, top_k=model_cfg.top_k,
-                          progress=model_cfg.progress)
+                          progress=model_cfg.progress, engine=model_cfg.engine)
 
 
 def build_generator(config, model_and_tokenizer=None):
     """The Generator for ``config.model`` (see module docstring)."""
     model_cfg = config.model
     if model_kind(model_cfg) == "scripted":
-        from dromedary_jax.pipeline.scripted import ScriptedGenerator
+        from dromedary_jax.testing.scripted import ScriptedGenerator
 
         return ScriptedGenerator(delay_s=model_cfg.delay_s)
     model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(model_cfg, seed=config.seed)
@@ -315,6 +321,9 @@ class Resources:
 
     @property
     def generator(self):
+        """The run's Generator, built on first use: the given one, the scripted fake, or a
+        ModelGenerator around :attr:`model_and_tokenizer` (rebuilt after a fine-tune changed the
+        base model's dtype)."""
         if self._generator is None:
             scripted = model_kind(self._config.model) == "scripted"
             self._generator = build_generator(self._config,
@@ -324,6 +333,68 @@ class Resources:
 
     @property
     def hosts(self) -> Hosts:
+        """The host layout (``dromedary_jax.distributed.Hosts``): the given one, else
+        ``Hosts.from_jax()`` on first use."""
         if self._hosts is None:
             self._hosts = Hosts.from_jax()
         return self._hosts
+
+
+def model_config_of(model_cfg) -> tuple[ModelConfig | None, str]:
+    """The ModelConfig a run will use, read from the preset or the checkpoint's json (no weights),
+    in the run's compute dtype (``model.dtype``, as ``resources.load_model_and_tokenizer``)."""
+    c, origin = _model_config_of(model_cfg)
+    if c is not None and not (model_cfg.preset and not model_cfg.checkpoint
+                              and "dtype" in dict(model_cfg.overrides or {})):
+        c = c.replace(dtype=model_cfg.dtype)
+    return c, origin
+
+
+def _model_config_of(model_cfg) -> tuple[ModelConfig | None, str]:
+    overrides = dict(model_cfg.overrides or {})
+    if model_cfg.preset and not model_cfg.checkpoint:
+        overrides.setdefault("vocab_size", 512 if model_cfg.tokenizer == "builtin:demo"
+                             else preset(model_cfg.preset).vocab_size)
+        return preset(model_cfg.preset, **overrides), f"preset {model_cfg.preset}"
+    path = model_cfg.checkpoint
+    if path and os.path.exists(path):
+        from dromedary_jax.checkpoint import read_model_config
+
+        try:
+            return read_model_config(path), path
+        except UserError:
+            pass  # not a model here: estimates fall back to the preset, the run reports it
+    if model_cfg.preset:
+        return preset(model_cfg.preset, **overrides), (
+            f"preset {model_cfg.preset} (checkpoint {path!r} is not readable here)")
+    return None, f"checkpoint {path!r} not readable here (set model.preset for estimates)"
+
+
+def check_model(config, selected: list[str]) -> None:
+    """The model the selected stages load is there: the checkpoint folder (or .gguf file) and
+    the tokenizer path exist, or the preset is known (no weights are read)."""
+    m = config.model
+    if model_kind(m) == "scripted" and not {"engrave", "verbose_clone"} & set(selected):
+        return  # stages 1-2 with the scripted fake: no model
+    kind = real_model_kind(m)
+    if kind == "checkpoint":
+        check_checkpoint(m)
+    elif kind == "preset":
+        try:
+            preset(m.preset)
+        except UserError as e:
+            raise UserError(f"config.model.preset: {e}") from None
+        if not m.tokenizer:
+            raise UserError("config.model.tokenizer: a randomly initialised preset needs a "
+                            "tokenizer path (or 'builtin:demo' for a tiny tokenizer trained on "
+                            "data/)")
+    if m.tokenizer and m.tokenizer != "builtin:demo" and not os.path.exists(m.tokenizer):
+        raise UserError(f"config.model.tokenizer={m.tokenizer}: does not exist")
+    trained = [s for s in ("engrave", "verbose_clone") if s in selected]
+    if trained:
+        mc, origin = model_config_of(m)  # the preset or the checkpoint's json: no weights
+        for s in trained if mc is not None and "not readable" not in origin else ():
+            max_len = int(config[s].train.data.max_len)
+            if max_len > mc.max_seq_len:
+                raise UserError(f"config.{s}.train.data.max_len={max_len} is over the model's "
+                                f"maximum sequence length {mc.max_seq_len}; lower it")

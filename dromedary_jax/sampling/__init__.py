@@ -4,17 +4,35 @@
     dj.generate_text(model, tok, prompts, max_new_tokens=256, temperature=0.5, top_p=0.95,
                      stop=("### User",), logit_bias={sorry_id: -100.0},
                      shared_prefix=principle_prompt)                     # -> texts
+    s = SamplingSettings(max_new_tokens=256, temperature=0.5, stop=("### User",))
+    dj.generate_text(model, tok, prompts, settings=s)                    # the same, one object
 
 Lower level: ``prefill_prefix(model, ids)`` prefills a shared prefix once (``PrefixState``: its
 KV cache and last-token logits); ``PrefixCache`` is the LRU ``generate`` keeps them in.
-"""
-from dromedary_jax.sampling.api import generate, generate_text, make_batch
-from dromedary_jax.sampling.prefix_cache import (
-    PrefixCache,
-    PrefixState,
-    default_prefix_cache,
-    prefill_prefix,
-)
 
-__all__ = ["generate", "generate_text", "make_batch", "prefill_prefix", "PrefixCache",
-           "PrefixState", "default_prefix_cache"]
+Names are imported lazily, so ``dromedary_jax.sampling.settings`` (no jax) stays cheap to import.
+"""
+import importlib
+
+_API = {
+    "generate": "dromedary_jax.sampling.api",
+    "generate_text": "dromedary_jax.sampling.api",
+    "make_batch": "dromedary_jax.sampling.host",
+    "SamplingSettings": "dromedary_jax.sampling.settings",
+    "PrefixCache": "dromedary_jax.sampling.prefix_cache",
+    "PrefixState": "dromedary_jax.sampling.prefix_cache",
+    "default_prefix_cache": "dromedary_jax.sampling.prefix_cache",
+    "prefill_prefix": "dromedary_jax.sampling.prefix_cache",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'dromedary_jax.sampling' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

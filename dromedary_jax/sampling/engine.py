@@ -54,7 +54,7 @@ from dromedary_jax.model.llama import (
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 from dromedary_jax.sampling.buckets import bucket, round_up
 from dromedary_jax.sampling.decode_loop import LoopSpec
-from dromedary_jax.sampling.host import local_rows, to_device
+from dromedary_jax.sampling.host import local_rows, make_batch, progress_bar, to_device
 from dromedary_jax.sampling.logits_processing import apply_penalties, row_keys, sample
 from dromedary_jax.sampling.step_forward import _matmul, final_logits, unstack_layers
 
@@ -348,8 +348,6 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     program and the refill programs for every (rows bucket, length bucket) the prompts may
     need, run nothing, return [].
     """
-    from dromedary_jax.sampling.api import _progress_bar, make_batch
-
     if prefix is not None and not prefix.matches(model):
         raise UserError("shared_prefix was prefilled with different model weights or config; "
                         "prefill it again for this model")
@@ -383,7 +381,7 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     results: list[list[int]] = [[] for _ in range(n)]
     chunk = stop_check_every if is_stopped is not None else G
     quarter = max(1, B // REFILL_FRACTION)
-    bar, own_bar = _progress_bar(progress, n, math.ceil(n / B))
+    bar, own_bar = progress_bar(progress, n, math.ceil(n / B))
     done_sh = None if model.mesh is None else shd.named_sharding(model.mesh, ("batch",), (B,))
     try:
         while True:
@@ -442,8 +440,6 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
 
 def _compile_all(params, state, prompts, prefix_arrays, knobs, spec, B, mult, p_len, st):
     """Ahead-of-time compile decode_chunk and every refill program the prompts may need."""
-    from dromedary_jax.sampling.api import make_batch
-
     decode_chunk.lower(params, state, knobs, np.int32(1), np.int32(1), prefix_arrays,
                        spec=spec).compile()
     st["programs"].add(("decode",) + tuple(state["tokens"].shape))

@@ -1,4 +1,5 @@
-"""Host <-> device helpers that work the same on one process and on many (multi-host pods).
+"""Host <-> device helpers that work the same on one process and on many (multi-host pods), and
+the host side of a batch (``make_batch``: the padded arrays; ``progress_bar``).
 
 With several processes each one feeds and reads only its OWN rows of the batch: global arrays are
 assembled with ``jax.make_array_from_process_local_data`` and read back through the addressable
@@ -6,9 +7,13 @@ shards, so no process ever gathers the whole batch.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dromedary_jax.progress import TokenProgress
 
 
 def to_device(x, sharding, *, replicated: bool = False) -> jax.Array:
@@ -42,3 +47,39 @@ def global_max(x: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray(x, np.int64))))
+
+
+def make_batch(rows: Sequence[Sequence[int]], row_ids: np.ndarray, *, length: int, batch: int,
+               prefix_len: int = 0) -> dict[str, np.ndarray]:
+    """Host arrays for one batch: each row LEFT-padded to ``length``; rows beyond ``len(rows)``
+    are pad rows (``active`` False). Positions start at ``prefix_len`` on the first real token."""
+    tokens = np.zeros((batch, length), np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    segs = np.zeros((batch, length), np.int32)
+    first_pos = np.full((batch,), prefix_len, np.int32)
+    ids = np.zeros((batch,), np.uint32)
+    active = np.zeros((batch,), bool)
+    empty = np.zeros((batch,), bool)
+    for i, row in enumerate(rows):
+        n = len(row)
+        if n:
+            tokens[i, length - n:] = row
+            positions[i, length - n:] = prefix_len + np.arange(n)
+            segs[i, length - n:] = 1
+        first_pos[i] = prefix_len + n
+        ids[i] = row_ids[i]
+        active[i] = True
+        empty[i] = n == 0
+    return {"tokens": tokens, "positions": positions, "segment_ids": segs, "first_pos": first_pos,
+            "ids": ids, "active": active, "empty": empty}
+
+
+def progress_bar(show, total, batches):
+    """(bar, own): the TokenProgress to update (None: no bar) and whether this call made it (and
+    closes it). ``show``: a caller's TokenProgress (e.g. one bar over a whole pipeline stage),
+    True / False, or None (a bar when there is more than one batch)."""
+    if isinstance(show, TokenProgress):
+        return show, False
+    if show is None:
+        show = batches > 1
+    return TokenProgress.create(total, desc="sampling", show=bool(show)), True

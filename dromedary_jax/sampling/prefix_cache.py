@@ -49,6 +49,7 @@ class PrefixState:
 
     @property
     def length(self) -> int:
+        """Tokens in the prefix."""
         return len(self.ids)
 
     def arrays(self) -> dict:
@@ -136,6 +137,9 @@ class PrefixCache:
         self.misses = 0
 
     def get(self, model, prefix_ids: Sequence[int]) -> PrefixState:
+        """The prefilled prefix for ``prefix_ids`` (token ids) and ``model``: cached, or prefilled
+        now (and cached, the least recently used entry dropped beyond ``maxsize``). Bad ids are a
+        UserError (see ``prefix_token_ids``)."""
         ids = prefix_token_ids(prefix_ids)
         key = (ids, tuple(id(p) for p in model.params.values()))
         state = self._entries.get(key)
@@ -153,6 +157,7 @@ class PrefixCache:
         return state
 
     def clear(self) -> None:
+        """Drop every cached prefix."""
         self._entries.clear()
 
     def __len__(self) -> int:

@@ -37,6 +37,8 @@ DEFAULT_TEMPLATE = "### User:\n{prompt}\n\n### Assistant:"
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """A new ConfigDict holding every key the trainer reads, with its default (sections as in
+    the module docstring; the comment beside each key gives its meaning and unit)."""
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -216,10 +218,13 @@ class Rule:
 
 
 def Int(lo=None, hi=None, **kw) -> Rule:  # noqa: N802 - rule constructors read as types
+    """A Rule for an integer (bools refused) in [lo, hi] (None: unbounded; ``lo_open`` /
+    ``hi_open`` and ``none_ok`` as keywords)."""
     return Rule("int", lo, hi, **kw)
 
 
 def Float(lo=None, hi=None, **kw) -> Rule:  # noqa: N802
+    """A Rule for a finite real number (bools refused) in [lo, hi] (keywords as :func:`Int`)."""
     return Rule("float", lo, hi, **kw)
 
 
@@ -227,6 +232,7 @@ BOOL = Rule("bool")
 
 
 def Choice(*choices, **kw) -> Rule:  # noqa: N802
+    """A Rule for a value equal to one of ``choices``."""
     return Rule("choice", choices=tuple(choices), **kw)
 
 

@@ -44,6 +44,10 @@ TRAIN, VALIDATION = "train", "validation"
 
 @dataclasses.dataclass
 class PreparedData:
+    """A prepared ArrayRecord dataset: its folder, fingerprint, example count per split
+    (``train`` / ``validation``) and the preparation stats (examples, dropped, truncated and
+    target tokens per split)."""
+
     path: str  # the tfds dataset folder (holds dataset_info.json, features.json, *.array_record*)
     fingerprint: str
     counts: dict[str, int]  # split -> examples
@@ -68,6 +72,10 @@ def _sha_file(h, path: str) -> None:
 
 
 def fingerprint(data_cfg, tokenizer, train_files: Sequence[str], eval_files: Sequence[str]) -> str:
+    """20 hex digits of sha256 over the data settings (fields, BOS/EOS, ``max_len``, the
+    template), the format version, the tokenizer (its repr and file bytes) and each input
+    file's name and bytes: the name of the dataset folder, so any change makes a new one.
+    UserError when the template (file) is missing or lacks ``{prompt}``."""
     h = hashlib.sha256()
     settings = {k: data_cfg.get(k) for k in (
         "prompt_field", "response_field", "id_field", "add_bos", "add_eos", "max_len")}
@@ -88,7 +96,7 @@ def fingerprint(data_cfg, tokenizer, train_files: Sequence[str], eval_files: Seq
 def _tokenize_files(files, data_cfg, tokenizer, template, stats, split):
     out = []
     dropped = truncated = 0
-    for rec in ex_lib.read_records(files, data_cfg.prompt_field, data_cfg.response_field,
+    for rec in ex_lib.read_sft_records(files, data_cfg.prompt_field, data_cfg.response_field,
                                    data_cfg.id_field):
         ex = ex_lib.tokenize_example(
             tokenizer, ex_lib.render_prompt(template, rec.prompt), rec.response,
@@ -366,9 +374,12 @@ class BatchIterator:
         return out
 
     def get_state(self) -> bytes:
+        """JSON bytes ``{"batches": <taken so far>, "order": "global"}``."""
         return json.dumps({"batches": self._count, "order": FORMAT_ORDER}).encode()
 
     def set_state(self, state: bytes) -> None:
+        """Continue after the ``batches`` of a :meth:`get_state` state. UserError for a
+        multi-process run restoring a state of an older (per-host) data order."""
         s = json.loads(state)
         if s.get("order") != FORMAT_ORDER and self.process_count > 1:
             raise UserError("this checkpoint was written by an older version whose multi-host "
@@ -385,6 +396,7 @@ class StateSnapshot:
         self._state = state
 
     def get_state(self) -> bytes:
+        """The state bytes given at construction."""
         return self._state
 
 
@@ -394,7 +406,8 @@ class StateHolder:
     state: bytes | None = None
 
     def set_state(self, state: bytes) -> None:
+        """Keep the restored state bytes in ``self.state``."""
         self.state = state
 
     def start_prefetch(self) -> None:
-        pass
+        """No-op (grain's handler calls it after ``set_state``)."""

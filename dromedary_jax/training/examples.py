@@ -37,6 +37,9 @@ from dromedary_jax.tokenizer import split_at_seam  # noqa: F401  (also this modu
 
 @dataclasses.dataclass
 class Example:
+    """One tokenized example: ``tokens`` and ``loss_mask`` int32 [n] (n <= ``max_len``),
+    ``truncated`` when the response was cut to fit."""
+
     id: str
     tokens: np.ndarray  # int32 [n]
     loss_mask: np.ndarray  # int32 [n]; 1 where tokens[i] is a target (predicted from tokens[:i])
@@ -45,6 +48,9 @@ class Example:
 
 @dataclasses.dataclass
 class Record:
+    """One (prompt, response) record read from a JSONL line, with its id (the record's id
+    field, else ``source``) and ``source`` (``"<file>:<line>"``)."""
+
     id: str
     prompt: str
     response: str
@@ -78,7 +84,7 @@ def expand_files(spec: str | Sequence[str], key: str = "data.train_files") -> li
     return out
 
 
-def read_records(paths: Iterable[str], prompt_field: str = "prompt",
+def read_sft_records(paths: Iterable[str], prompt_field: str = "prompt",
                  response_field: str = "response", id_field: str = "id") -> Iterator[Record]:
     """Parse JSONL files; a malformed line raises UserError naming its file and line number."""
     for path in paths:
@@ -112,6 +118,7 @@ def load_template(template: str, template_file: str = "") -> str:
 
 
 def render_prompt(template: str, prompt: str) -> str:
+    """``template`` with every ``{prompt}`` replaced by ``prompt`` (nothing else interpreted)."""
     return template.replace("{prompt}", prompt)
 
 

@@ -59,6 +59,10 @@ RUN_INFO = "run_info.json"
 
 @dataclasses.dataclass
 class TrainResult:
+    """What :func:`run_sft` returns: the final weights (and model), the adapters of a LoRA
+    run, the step count and last losses (mean NLL per target token, nats), and the paths the
+    run wrote under its workdir."""
+
     params: dict  # final parameters (LoRA merged into the base), on the run's mesh
     lora: dict | None  # the trained adapters (None for a full fine-tune)
     model: Llama  # a Llama holding ``params``

@@ -23,6 +23,8 @@ LoraParams = dict[str, dict[str, jax.Array]]
 
 
 def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
+    """``targets`` as a tuple; UserError when it is empty or names a parameter that is not a
+    projection (wq, wk, wv, wo, w_gate, w_up, w_down)."""
     targets = tuple(targets)
     bad = [t for t in targets if t not in PROJ_IN_DIMS]
     if bad or not targets:
@@ -31,10 +33,14 @@ def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
 
 
 def scale(alpha: float, rank: int) -> float:
+    """The adapter output scale ``alpha / rank`` (LoRA, Hu et al., arXiv 2106.09685; PEFT's
+    ``scaling`` without rsLoRA). ZeroDivisionError for rank 0."""
     return float(alpha) / int(rank)
 
 
 def lora_shapes(config: ModelConfig, rank: int, targets: Sequence[str]):
+    """``{target: {"a": [L, *in, rank], "b": [L, rank, *out]}}`` shapes for each target
+    projection of ``config`` (UserError for bad targets, see :func:`check_targets`)."""
     shapes = param_shapes(config)
     out = {}
     for name in check_targets(targets):
@@ -45,6 +51,8 @@ def lora_shapes(config: ModelConfig, rank: int, targets: Sequence[str]):
 
 
 def lora_axes(targets: Sequence[str]):
+    """Logical axes of each adapter, ``{target: {"a": ..., "b": ...}}``: the projection's own
+    axes with ``lora_rank`` for the rank dim."""
     out = {}
     for name in check_targets(targets):
         axes = PARAM_AXES[name]
@@ -55,6 +63,7 @@ def lora_axes(targets: Sequence[str]):
 
 
 def lora_shardings(config: ModelConfig, rank: int, targets: Sequence[str], mesh):
+    """NamedShardings of each adapter on ``mesh``, ``{target: {"a": ..., "b": ...}}``."""
     shapes = lora_shapes(config, rank, targets)
     axes = lora_axes(targets)
     return {n: {k: shd.named_sharding(mesh, axes[n][k], shapes[n][k]) for k in ("a", "b")}

@@ -43,10 +43,11 @@ class ScalarWriter(Protocol):
     """Where training scalars go besides metrics.jsonl. ``flush()`` is optional."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        ...
+        """Record the finite float values of one metrics line (``{name: value}``) at ``step``
+        (optimizer steps)."""
 
     def close(self) -> None:
-        ...
+        """Flush and release the writer; called once at the end of the run."""
 
 
 WriterFactory = Callable[[str, Mapping], ScalarWriter]  # (workdir, run config as a dict)
@@ -274,6 +275,7 @@ class MetricsWriter:
                 raise
 
     def write(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+        """Write one line ``{"step": step, prefix + name: value}`` (see :meth:`write_many`)."""
         self.write_many([(step, values)], prefix)
 
     def write_many(self, rows, prefix: str = "") -> None:
@@ -310,11 +312,14 @@ class MetricsWriter:
         self.flush()
 
     def flush(self) -> None:
+        """Flush every scalar writer that has a ``flush()`` (metrics.jsonl is flushed on each
+        write)."""
         for sink in self._sinks:
             if hasattr(sink, "flush"):
                 sink.flush()
 
     def close(self) -> None:
+        """Close metrics.jsonl and every scalar writer (idempotent)."""
         if self._log is not None:
             self._log.close()
             self._log = None

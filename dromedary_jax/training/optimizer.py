@@ -8,6 +8,8 @@ from dromedary_jax.errors import UserError
 
 
 def warmup_steps(train_cfg, total_steps: int) -> int:
+    """Warmup length in optimizer steps: ``train.warmup_steps`` when > 0, else
+    ``round(train.warmup_ratio * total_steps)`` (0 when no ratio is set)."""
     if int(train_cfg.warmup_steps) > 0:
         return int(train_cfg.warmup_steps)
     return int(round(float(train_cfg.get("warmup_ratio", 0.0)) * total_steps))
@@ -40,6 +42,11 @@ def _decay_mask(params):
 
 
 def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(optimizer, schedule)``: global-norm clipping at ``train.clip_norm`` (when > 0), then
+    ``optax.adamw`` (decoupled weight decay, Loshchilov & Hutter, arXiv 1711.05101) with
+    ``b1`` / ``b2`` / ``eps`` / ``weight_decay`` on the :func:`make_schedule` learning rate;
+    weight decay applies to arrays of rank >= 2 only (not norm scales). UserError for an unknown
+    ``train.schedule``."""
     schedule = make_schedule(train_cfg, total_steps)
     parts = []
     if float(train_cfg.clip_norm) > 0:

@@ -18,6 +18,7 @@ ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def empty_rows(n: int, seq_len: int) -> dict[str, np.ndarray]:
+    """``n`` padding rows: every ROW_KEYS array int32 zeros [n, seq_len] (segment 0, mask 0)."""
     return {k: np.zeros((n, seq_len), np.int32) for k in ROW_KEYS}
 
 
@@ -49,11 +50,15 @@ class RowPacker:
         self.used = 0
 
     def fits(self, n: int) -> bool:
+        """Whether an example of ``n`` tokens goes into the open row: always when it is empty,
+        else only when packing and it still has ``n`` free positions."""
         if not self.open:
             return True
         return self.pack and self.used + n <= self.seq_len
 
     def add(self, item, n: int):
+        """Put ``item`` (``n`` tokens) in the open row, first closing it when the item does not
+        fit; returns the closed row (a list of items) or None. ValueError when ``n`` > seq_len."""
         if n > self.seq_len:
             raise ValueError(f"example of length {n} is longer than the row length {self.seq_len}")
         done = None
@@ -64,6 +69,7 @@ class RowPacker:
         return done
 
     def flush(self):
+        """Close the open row: its list of items, or None when it was empty."""
         done, self.open, self.used = self.open, [], 0
         return done or None
 

@@ -106,6 +106,7 @@ def make_eval_step(config: ModelConfig, *, is_lora: bool, lora_scale: float = 1.
 
 # ----------------------------------------------------------------------------- shardings
 def replicated(mesh) -> NamedSharding:
+    """The fully replicated sharding on ``mesh`` (``PartitionSpec()``)."""
     return NamedSharding(mesh, P())
 
 
@@ -144,12 +145,17 @@ def abstract_state(tx, abstract_trainable, shardings) -> dict[str, Any]:
 
 
 def jit_train_step(train_step, state_sh, batch_sh, frozen_sh, mesh):
+    """``jax.jit`` of ``train_step(state, batch, frozen)`` with these input shardings; the state
+    keeps ``state_sh``, the metrics come back replicated, and the state argument is donated
+    (its buffers are reused: do not read the old state after the call)."""
     rep = replicated(mesh)
     return jax.jit(train_step, in_shardings=(state_sh, batch_sh, frozen_sh),
                    out_shardings=(state_sh, rep), donate_argnums=(0,))
 
 
 def jit_eval_step(eval_step, trainable_sh, frozen_sh, batch_sh, mesh):
+    """``jax.jit`` of ``eval_step(trainable, frozen, batch)`` with these input shardings and
+    replicated outputs ``(nll_sum, target_tokens)``; nothing is donated."""
     rep = replicated(mesh)
     return jax.jit(eval_step, in_shardings=(trainable_sh, frozen_sh, batch_sh),
                    out_shardings=(rep, rep))

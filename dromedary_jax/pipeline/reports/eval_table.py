@@ -1,6 +1,6 @@
 """The run report's evaluation section: base vs aligned, as the paper reports it.
 
-Reads what stage 5 (:mod:`dromedary_jax.pipeline.evaluate`) wrote and renders the score table
+Reads what stage 5 (:mod:`dromedary_jax.pipeline.stages.evaluate`) wrote and renders the score table
 (TruthfulQA MC1/MC2, HHH overall and per category, one row per model), a bar chart
 (``evaluation.png``) and each model's answers to the same questions side by side.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from dromedary_jax.pipeline.evaluate import read_results, score_table
-from dromedary_jax.pipeline.report import save_figure
+from dromedary_jax.pipeline.stages.evaluate import read_results, score_table
+from dromedary_jax.pipeline.reports.funnel import save_figure
 
 LABELS = {"base": "base", "engrave": "engraved (stage 3)", "verbose_clone": "verbose-cloned (stage 4)"}
 COLUMNS = (("mc1", "TruthfulQA MC1"), ("mc2", "TruthfulQA MC2"), ("hhh", "HHH"),

@@ -13,8 +13,9 @@ Steps = list[tuple[str, int]]
 
 
 def funnel_steps(first_label: str, total: int, reasons: Iterable[str | None], order: Sequence[str]) -> Steps:
-    """[(first_label, total), ("after <filter>", remaining), ...] for filters in ``order``;
-    ``reasons`` holds one filter reason (or None when kept) per item."""
+    """[(first_label, total), ("- <reason>", remaining), ...]: one step per filter reason in
+    ``order``, then any other reason found (sorted), each with the count left after dropping
+    that reason's items; ``reasons`` holds one filter reason (or None when kept) per item."""
     counts = Counter(r for r in reasons if r is not None)
     unknown = set(counts) - set(order)
     order = list(order) + sorted(unknown)
@@ -36,6 +37,9 @@ def _table(steps: Steps) -> list[str]:
 
 def markdown(title: str, sections: Sequence[tuple[str, Steps]],
              citations: Mapping[str, int] | None = None, notes: Sequence[str] = ()) -> str:
+    """The text of ``funnel.md``: a ``# Funnel: <title>`` heading, each note as a paragraph, one
+    table per (name, steps) section (step, count, % of the section's first count) and, when
+    ``citations`` (principle key -> count) is given, a citation table, most cited first."""
     lines = [f"# Funnel: {title}", ""]
     for note in notes:
         lines += [note, ""]
@@ -63,6 +67,9 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
 
 def bar_chart(path: str, title: str, sections: Sequence[tuple[str, Steps]],
               citations: Mapping[str, int] | None = None) -> None:
+    """Write ``funnel.png`` to ``path`` (atomically): one horizontal bar panel per section (its
+    steps top to bottom), plus a principle-citation panel when ``citations`` is non-empty;
+    rendered with matplotlib's Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -13,7 +13,7 @@ import re
 from typing import Mapping, Sequence
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.jsonl import read_records
+from dromedary_jax.jsonl import read_json_records
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,6 +29,8 @@ def resolve_path(path: str, key: str) -> str:
 
 
 def read_text(path: str, key: str) -> str:
+    """The whole text of the file for config key ``key`` (resolved as in :func:`resolve_path`);
+    UserError naming the key when the file is missing or is not UTF-8."""
     full = resolve_path(path, key)
     try:
         with open(full, encoding="utf-8") as f:
@@ -40,7 +42,7 @@ def read_text(path: str, key: str) -> str:
 
 def load_json_or_jsonl(path: str, key: str) -> list[dict]:
     """A JSONL file (one object per line) or a JSON list of objects."""
-    return read_records(resolve_path(path, key), note=f" (config.{key})", objects=True)
+    return read_json_records(resolve_path(path, key), note=f" (config.{key})", objects=True)
 
 
 def _need(row: dict, fields: Sequence[str], where: str) -> None:
@@ -109,10 +111,15 @@ class Template:
 
     @classmethod
     def load(cls, path: str, key: str, slots: Sequence[str]) -> "Template":
+        """The template in file ``path`` (config key ``key``), stripped, with the declared
+        ``slots``; UserError when the file is missing, not UTF-8, or has too many ``{}`` slots."""
         return cls.from_text(read_text(path, key).strip(), slots, path=path, key=key)
 
     @classmethod
     def from_text(cls, text: str, slots: Sequence[str], path: str = "", key: str = "") -> "Template":
+        """A template from ``text``. When it has positional ``{}`` slots, the i-th one becomes
+        ``{slots[i]}`` (``positional=True``); more ``{}`` than ``slots`` is a UserError naming
+        ``config.<key>`` and ``path``."""
         slots = tuple(slots)
         n_pos = text.count("{}")
         if n_pos:
@@ -124,6 +131,9 @@ class Template:
         return cls(text, slots, path, positional=bool(n_pos))
 
     def render(self, **values) -> str:
+        """The text with each declared ``{slot}`` given in ``values`` replaced by ``str(value)``;
+        declared slots not given, and any other braces, are left as they are. ValueError (a
+        programming error, not a user one) for a keyword that is not a declared slot."""
         unknown = set(values) - set(self.slots)
         if unknown:
             raise ValueError(f"unknown template slots {sorted(unknown)}")
@@ -139,7 +149,7 @@ class Template:
 
 # ------------------------------------------------------------------------------------ questions
 
-def load_questions(path: str, key: str = "self_align.questions_file") -> list[dict]:
+def load_question_file(path: str, key: str = "self_align.questions_file") -> list[dict]:
     """Questions for stage 2: our stage-1 ``prompts.jsonl`` or any JSON/JSONL list of
     ``{"instruction" (or "question"), "input"?, "id"?}`` (e.g. the original merged inputs, or a
     red-teaming seed file). Missing ids become
@@ -165,6 +175,10 @@ def load_questions(path: str, key: str = "self_align.questions_file") -> list[di
 
 @dataclasses.dataclass(frozen=True)
 class Assistant:
+    """The assistant's identity as the prompts use it: ``name`` (e.g. "Dromedary"),
+    ``prompt_name`` (the name written in the stage-2 prompts; ``name`` unless overridden) and
+    ``cutoff`` (the knowledge-cutoff text, "" when unset). Built by :func:`load_assistant`."""
+
     name: str
     prompt_name: str
     cutoff: str

@@ -15,7 +15,8 @@ import re
 import time
 from typing import Callable, Mapping, Sequence
 
-from dromedary_jax.pipeline.generator import cut_at_stop
+from dromedary_jax.sampling.settings import SamplingSettings, settings_of
+from dromedary_jax.sampling.stop_strings import truncate_at_stop
 
 _ADJ = ("Solar", "Urban", "Ancient", "Digital", "Mountain", "Ocean", "Family", "Winter", "Public",
         "Rural", "Medical", "Space", "Local", "Global", "Childhood", "Coastal", "Desert", "Modern",
@@ -134,10 +135,14 @@ class ScriptedGenerator:
         self.calls = 0
         self.prompts_seen = 0
 
-    def generate(self, prompts: Sequence[str], *, ids: Sequence[str], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
-                 logit_bias=None, shared_prefix: str | None = None, seed: int = 0,
-                 ngram_penalties=()) -> list[str]:
+    def generate(self, prompts: Sequence[str], *, ids: Sequence[str],
+                 settings: SamplingSettings | None = None, shared_prefix: str | None = None,
+                 seed: int = 0, **loose) -> list[str]:
+        """Texts for ``prompts`` as the Generator interface returns them: about 4 characters per
+        token up to ``settings.max_new_tokens``, cut before the first stop string; the other
+        settings are ignored. ``loose``: the sampling keywords of ``dj.generate_text``
+        (``max_new_tokens=64, stop=(...)``) instead of ``settings``, for tests and benchmarks."""
+        settings = settings_of(settings, loose)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
         self.calls += 1
@@ -148,8 +153,8 @@ class ScriptedGenerator:
             text = self._fixed(full, str(pid))
             if text is None:
                 text = self.respond(full, random.Random(f"{seed}|{pid}"))
-            text = text[: max(1, int(max_new_tokens)) * 4]  # ~4 characters per token
-            out.append(cut_at_stop(text, stop))
+            text = text[: settings.max_new_tokens * 4]  # ~4 characters per token
+            out.append(truncate_at_stop(text, settings.stop))
         if self.delay_s:
             time.sleep(self.delay_s * len(prompts))
         return out
@@ -163,6 +168,8 @@ class ScriptedGenerator:
 
     # ------------------------------------------------------------------------------ by kind
     def respond(self, prompt: str, rng: random.Random) -> str:
+        """The canned continuation for ``prompt`` (the shared prefix included), by the kind of
+        prompt it is (self-align, vanilla self-instruct, questions, topics), drawn with ``rng``."""
         if prompt.endswith("(internal thoughts):"):
             return self._self_align(prompt, rng)
         if re.search(r"\d+\. Instruction:$", prompt):

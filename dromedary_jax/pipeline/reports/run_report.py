@@ -1,13 +1,15 @@
-"""The run report: ``<workdir>/report.md`` with each stage's funnel numbers, the training curves of
-stages 3 and 4 (``training_curves.png``) and sample answers of the base and the final model to the
-same questions under the same short meta-prompt (before/after alignment)."""
+"""The run report: ``<workdir>/report.md`` (written by the runner after the stages) with each
+stage's status and counts, links to the funnels, each stage's wall time and peak RSS, the
+evaluation table (``reports/eval_table.py``), the training curves of stages 3 and 4
+(``training_curves.png``) and sample answers of the base and the final model to the same
+questions under the same short meta-prompt (before/after alignment)."""
 from __future__ import annotations
 
 import os
 
 from dromedary_jax.jsonl import read_log, write_text_atomic
-from dromedary_jax.pipeline.report import save_figure
-from dromedary_jax.pipeline import data as D
+from dromedary_jax.pipeline.reports.funnel import save_figure
+from dromedary_jax.pipeline import data_files as D
 from dromedary_jax.pipeline.finetune import meta_template
 from dromedary_jax.pipeline.records import stage_done
 
@@ -22,6 +24,9 @@ def _metrics(workdir: str, stage: str) -> list[dict]:
 
 
 def plot_curves(workdir: str, out_png: str) -> bool:
+    """Plot the training ``loss`` and ``eval_loss`` against step of stages 3 and 4 (from each
+    ``<stage>/train/metrics.jsonl``), one panel per stage, into ``out_png``; False (nothing
+    written) when neither stage has metrics. UserError for a corrupt metrics line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +71,8 @@ def sample_answers(config, workdir: str, res) -> list[tuple[str, str, str]]:
 
     if jax.process_count() > 1:  # only process 0 writes the report; sampling needs every host
         return []
-    import dromedary_jax as dj
+    from dromedary_jax.checkpoint import load_model
+    from dromedary_jax.sampling.api import generate_text
 
     questions = D.load_red_team_seeds(config.self_instruct.red_team_seeds)[:n]
     assistant = D.load_assistant(config.data)
@@ -74,11 +80,11 @@ def sample_answers(config, workdir: str, res) -> list[tuple[str, str, str]]:
                              "verbose_clone.distill_template", assistant)
     prompts = [template.replace("{prompt}", q["question"]) for q in questions]
     base, tok = res.model_and_tokenizer
-    final = dj.load_model(final_dir, dtype=config.model.dtype,
+    final = load_model(final_dir, dtype=config.model.dtype,
                           param_dtype=sampling_param_dtype(config.model, final_dir))
     kw = dict(max_new_tokens=int(config.report.max_new_tokens), stop=("\nUser:",), progress=False)
-    before = dj.generate_text(base, tok, prompts, **kw)
-    after = dj.generate_text(final, tok, prompts, **kw)
+    before = generate_text(base, tok, prompts, **kw)
+    after = generate_text(final, tok, prompts, **kw)
     return [(q["question"], b.strip(), a.strip()) for q, b, a in zip(questions, before, after)]
 
 
@@ -124,7 +130,7 @@ def write_report(config, workdir: str, res) -> str:
             lines.append(f"- {stage} funnel: [{stage}/funnel.md]({stage}/funnel.md), "
                          f"chart [{stage}/funnel.png]({stage}/funnel.png)")
     lines += resource_lines(workdir)
-    from dromedary_jax.pipeline.eval_report import evaluation_section
+    from dromedary_jax.pipeline.reports.eval_table import evaluation_section
 
     evaluation = evaluation_section(workdir)
     if evaluation:

@@ -7,7 +7,7 @@ import glob
 import json
 import os
 
-from dromedary_jax.pipeline.data import REPO_ROOT
+from dromedary_jax.pipeline.data_files import REPO_ROOT
 
 VOCAB_SIZE = 512  # = the "tiny" preset's vocab
 

@@ -1,6 +1,7 @@
 """Stage 2: principle-driven self-alignment.
 
-    run(config, workdir)   ->  <workdir>/self_align/kept.jsonl   ({id, instruction, input, output, ...})
+    SelfAlign (run by runner.run_stage)  ->  <workdir>/self_align/kept.jsonl
+                                             ({id, instruction, input, output, ...})
 
 Every question from stage 1 (or ``self_align.questions_file``) is appended to the principle
 prompt (principles + exemplars, ending in ``User:``) as ``" <question>\\n\\n<Name> (internal
@@ -40,15 +41,15 @@ from typing import Sequence
 from dromedary_jax.errors import UserError
 from dromedary_jax.jsonl import write_text_atomic
 from dromedary_jax.pipeline import answer_filters as AF
-from dromedary_jax.pipeline import data as D
-from dromedary_jax.pipeline.defaults import complete
-from dromedary_jax.pipeline.loop import generate_into, sampling_kwargs
+from dromedary_jax.pipeline import data_files as D
+from dromedary_jax.pipeline.generation import generate_into
 from dromedary_jax.pipeline.principles import (RenderedPrompt, build_prompt, cited_principles, load_spec,
                                                question_suffix)
-from dromedary_jax.pipeline.records import (Hosts, StageDir, model_fingerprint, stage_done, strip_non_semantic, text_digest,
+from dromedary_jax.pipeline.records import (model_fingerprint, stage_done, strip_non_semantic, text_digest,
                                             write_jsonl_atomic)
-from dromedary_jax.pipeline.report import funnel_steps, write_funnel
-from dromedary_jax.pipeline.resources import Resources
+from dromedary_jax.pipeline.reports.funnel import funnel_steps, write_funnel
+from dromedary_jax.pipeline.stage import StageContext, StageResult
+from dromedary_jax.sampling.settings import SamplingSettings
 
 STAGE = "self_align"
 REASONS = ("no_thoughts", "no_answer", "empty", "too_short", *AF.REASONS, "exemplar_leak", "apology")
@@ -82,6 +83,15 @@ class Cleaner:
         return tuple(re.findall(pat, self.prompt.prefix))
 
     def process(self, raw: str, question: str) -> dict:
+        """Parse ``raw`` (the continuation of one question's prompt) into ``{"thoughts",
+        "answer", "cited_principles", "filter", "cleaning"}``: cut at the first ``User:`` line;
+        the thoughts run up to the first ``<codename>:`` line and the answer follows it (with
+        ``require_answer_header`` False and no such line, the whole text is the answer and there
+        are no thoughts); the answer is cleaned by ``answer_filters.clean``, filtered by
+        :meth:`reason` (``filter``: its reason, ``no_thoughts`` / ``no_answer`` when the parse
+        fails, None when kept) and the codename renamed to the assistant's name (``rename``).
+        ``cleaning``: {cut_user_turn, cut_repeat, trimmed, renamed} flags. ``question``: the
+        question text (with its input) the leak checks compare against."""
         flags = {"cut_user_turn": False, "cut_repeat": False, "trimmed": False, "renamed": False}
         text = raw
         m = re.search(r"\n\s*User:", text)
@@ -130,6 +140,11 @@ class Cleaner:
         return None
 
     def leaks(self, answer: str, question: str) -> bool:
+        """Whether ``answer`` copies the exemplars rather than answering ``question``: a leak
+        marker (``leak_markers`` and the exemplars' own), an exemplar question or a long exemplar
+        sentence appears in it but not in the question, or it shares at least
+        :data:`EXEMPLAR_SHARED_5GRAMS` word 5-grams with the exemplar answers that the question
+        does not contain."""
         markers = list(self.leak_markers) + list(self.prompt.leak_markers)
         if any(m and m in answer and m not in question for m in markers):
             return True
@@ -152,6 +167,9 @@ def _five_grams(text: str) -> frozenset:
 
 
 def make_cleaner(config, rendered: RenderedPrompt, assistant: D.Assistant) -> Cleaner:
+    """The :class:`Cleaner` for ``rendered`` (the principle prompt) and ``assistant``, with the
+    ``config.self_align`` filter settings (min_answer_chars, leak_markers, apology_prefixes,
+    rename, require_answer_header)."""
     sa = config.self_align
     return Cleaner(prompt=rendered, prompt_name=assistant.prompt_name, assistant_name=assistant.name,
                    min_answer_chars=int(sa.min_answer_chars), leak_markers=tuple(sa.leak_markers),
@@ -170,6 +188,9 @@ def render_prompt(config) -> tuple[RenderedPrompt, D.Assistant]:
 
 
 def questions_path(config, workdir: str) -> tuple[str, str]:
+    """(question file, its config key): ``self_align.questions_file`` when set, else stage 1's
+    ``<workdir>/self_instruct/prompts.jsonl``; UserError when that is used but stage 1 has not
+    finished or the file is missing."""
     sa = config.self_align
     if sa.questions_file:
         return sa.questions_file, "self_align.questions_file"
@@ -180,82 +201,101 @@ def questions_path(config, workdir: str) -> tuple[str, str]:
     return path, "self_align.questions_file"
 
 
-def load_questions(config, workdir: str) -> list[dict]:
+def stage_questions(config, workdir: str) -> list[dict]:
+    """The questions stage 2 answers (``data_files.load_question_file`` records: id,
+    instruction, input, source, question_type) from :func:`questions_path`, cut to the first
+    ``self_align.max_questions`` when that is > 0. UserError for a missing, malformed or empty
+    file."""
     qpath, qkey = questions_path(config, workdir)
-    questions = D.load_questions(qpath, qkey)
+    questions = D.load_question_file(qpath, qkey)
     if config.self_align.max_questions > 0:
         questions = questions[: config.self_align.max_questions]
     return questions
 
 
-def fingerprint(config, prefix_id: str, questions, legacy: bool = False) -> dict:
-    """What changes this stage's records (``legacy``: as older versions computed it)."""
-    model = strip_non_semantic(config.model.to_dict()) if legacy else model_fingerprint(config.model)
-    return {"stage": STAGE, "seed": config.seed, "model": model,
-            "data": config.data.to_dict(), "self_align": strip_non_semantic(config.self_align.to_dict()),
-            "prefix": prefix_id, "questions": text_digest("\n".join(f"{q['id']}\t{q['instruction']}\t{q['input']}"
-                                                                     for q in questions))}
+class SelfAlign:
+    """Stage 2 (see the module docstring) as a :class:`~dromedary_jax.pipeline.stage.Stage`."""
 
+    name = STAGE
 
-def stage_dir(config, workdir: str, hosts: Hosts = Hosts(), rendered=None, questions=None) -> StageDir:
-    """This stage's folder under ``config`` (a completed config); opens nothing."""
-    if rendered is None:
-        rendered, _ = render_prompt(config)
-    if questions is None:
-        questions = load_questions(config, workdir)
-    prefix_id = text_digest(rendered.prefix)
-    return StageDir(workdir, STAGE, fingerprint(config, prefix_id, questions), hosts,
-                    overwrite=config.overwrite, force=config.force,
-                    legacy=[fingerprint(config, prefix_id, questions, legacy=True)])
+    def default_on(self, config) -> bool:
+        """Always part of a full run."""
+        return True
 
+    def requires(self, config) -> tuple[str, ...]:
+        """Stage 1's questions, unless ``self_align.questions_file`` names a question file."""
+        return () if config.self_align.questions_file else ("self_instruct",)
 
-def run(config, workdir: str, resources: Resources | None = None) -> dict:
-    """Run stage 2 into ``<workdir>/self_align``; returns the manifest counts."""
-    config = complete(config)
-    res = resources or Resources(config)
-    sa = config.self_align
-    rendered, assistant = render_prompt(config)
-    questions = load_questions(config, workdir)
-    prefix_id = text_digest(rendered.prefix)
-    stage = stage_dir(config, workdir, res.hosts, rendered, questions)
-    if stage.is_done():
-        return stage.manifest()["counts"]
-    stage.open()
-    if stage.hosts.is_main:
-        write_text_atomic(stage.file(f"prefix-{prefix_id}.txt"), rendered.prefix)
-    cleaner = make_cleaner(config, rendered, assistant)
-    by_id = {q["id"]: q for q in questions}
+    def check(self, config, workdir: str) -> None:
+        """The principle prompt renders; the question file (or a finished stage 1's
+        prompts.jsonl) reads and is not empty."""
+        render_prompt(config)  # assistant, principles, exemplars, frame template / prompt file
+        prompts = os.path.join(workdir or "", "self_instruct", "prompts.jsonl")
+        if config.self_align.questions_file:
+            D.load_question_file(config.self_align.questions_file, "self_align.questions_file")
+        elif workdir and stage_done(workdir, "self_instruct") and os.path.isfile(prompts):
+            D.load_question_file(prompts, "self_align.questions_file")  # stage 1 kept none: refuse now
 
-    def record(q: dict, raw: str) -> dict:
-        question = q["instruction"] + (("\n\n" + q["input"]) if q["input"] else "")
-        parsed = cleaner.process(raw, question)
-        return {"id": q["id"], "prompt_id": q["id"], "prefix_id": prefix_id, "question": q["instruction"],
-                "input": q["input"], "source": q.get("source", ""),
-                "prompt": question_suffix(q["instruction"], q["input"], assistant.prompt_name),
-                "raw": raw, **parsed}
+    def read_inputs(self, config, workdir: str) -> dict:
+        """{"rendered": the principle prompt, "assistant", "questions"}."""
+        rendered, assistant = render_prompt(config)
+        return {"rendered": rendered, "assistant": assistant,
+                "questions": stage_questions(config, workdir)}
 
-    items = [{"id": q["id"], "prompt": question_suffix(q["instruction"], q["input"], assistant.prompt_name)}
-             for q in questions]  # the text after the shared prefix
-    generate_into(stage, "responses", items, res.generator, batch_size=sa.batch_size, seed=int(config.seed),
-                  gen_kwargs=sampling_kwargs(sa), shared_prefix=rendered.prefix,
-                  make_record=lambda it, raw: record(by_id[it["id"]], raw), label="self_align")
-    # re-derive from the raw generations, so the outputs always match the current filters
-    recs = [record(by_id[r["id"]], r["raw"]) for r in stage.records("responses") if r["id"] in by_id]
-    kept = [{"id": r["id"], "instruction": r["question"], "input": r["input"], "output": r["answer"],
-             "thoughts": r["thoughts"], "cited_principles": r["cited_principles"], "source": r["source"]}
-            for r in recs if r["filter"] is None]
-    citations = Counter(k for r in recs for k in r["cited_principles"])
-    cleaning = Counter(k for r in recs for k, v in r["cleaning"].items() if v)
-    counts = {"generated": len(recs), "kept": len(kept), "filtered": dict(Counter(r["filter"] for r in recs if r["filter"])),
-              "cleaning": dict(cleaning), "citations": dict(citations)}
-    outputs = {"kept": stage.file("kept.jsonl")}
-    if stage.hosts.is_main:
-        write_jsonl_atomic(outputs["kept"], kept)
-        notes = [f"Principle prompt {prefix_id}: {len(rendered.numbering)} principles, exemplars "
-                 f"{list(rendered.exemplar_names)}.",
-                 "Cleaning applied (records affected): " + (", ".join(f"{k} {v}" for k, v in sorted(cleaning.items())) or "none")]
-        outputs.update(write_funnel(stage.path, STAGE, [("Self-align responses",
-                                                         funnel_steps("generated", len(recs), [r["filter"] for r in recs], REASONS))],
-                                    citations=dict(citations), notes=notes))
-    stage.write_manifest(counts, outputs)
-    return counts
+    def fingerprint(self, config, inputs: dict, upstream) -> dict:
+        """Seed, model (bookkeeping keys left out), data, this section, the prompt's and the
+        questions' digests."""
+        questions = inputs["questions"]
+        return {"stage": STAGE, "seed": config.seed, "model": model_fingerprint(config.model),
+                "data": config.data.to_dict(),
+                "self_align": strip_non_semantic(config.self_align.to_dict()),
+                "prefix": text_digest(inputs["rendered"].prefix),
+                "questions": text_digest("\n".join(f"{q['id']}\t{q['instruction']}\t{q['input']}"
+                                                    for q in questions))}
+
+    def run(self, ctx: StageContext, inputs: dict) -> StageResult:
+        """Answer every question under the principle prompt, parse and filter the answers."""
+        config, stage = ctx.config, ctx.dir
+        sa = config.self_align
+        rendered, assistant, questions = inputs["rendered"], inputs["assistant"], inputs["questions"]
+        prefix_id = text_digest(rendered.prefix)
+        if stage.hosts.is_main:
+            write_text_atomic(stage.file(f"prefix-{prefix_id}.txt"), rendered.prefix)
+        cleaner = make_cleaner(config, rendered, assistant)
+        by_id = {q["id"]: q for q in questions}
+
+        def record(q: dict, raw: str) -> dict:
+            question = q["instruction"] + (("\n\n" + q["input"]) if q["input"] else "")
+            parsed = cleaner.process(raw, question)
+            return {"id": q["id"], "prompt_id": q["id"], "prefix_id": prefix_id, "question": q["instruction"],
+                    "input": q["input"], "source": q.get("source", ""),
+                    "prompt": question_suffix(q["instruction"], q["input"], assistant.prompt_name),
+                    "raw": raw, **parsed}
+
+        items = [{"id": q["id"], "prompt": question_suffix(q["instruction"], q["input"], assistant.prompt_name)}
+                 for q in questions]  # the text after the shared prefix
+        generate_into(stage, "responses", items, ctx.resources.generator, batch_size=sa.batch_size,
+                      seed=int(config.seed), settings=SamplingSettings.from_config(sa, STAGE),
+                      shared_prefix=rendered.prefix,
+                      make_record=lambda it, raw: record(by_id[it["id"]], raw), label="self_align")
+        # re-derive from the raw generations, so the outputs always match the current filters
+        recs = [record(by_id[r["id"]], r["raw"]) for r in stage.records("responses") if r["id"] in by_id]
+        kept = [{"id": r["id"], "instruction": r["question"], "input": r["input"], "output": r["answer"],
+                 "thoughts": r["thoughts"], "cited_principles": r["cited_principles"], "source": r["source"]}
+                for r in recs if r["filter"] is None]
+        citations = Counter(k for r in recs for k in r["cited_principles"])
+        cleaning = Counter(k for r in recs for k, v in r["cleaning"].items() if v)
+        counts = {"generated": len(recs), "kept": len(kept),
+                  "filtered": dict(Counter(r["filter"] for r in recs if r["filter"])),
+                  "cleaning": dict(cleaning), "citations": dict(citations)}
+        outputs = {"kept": stage.file("kept.jsonl")}
+        if stage.hosts.is_main:
+            write_jsonl_atomic(outputs["kept"], kept)
+            notes = [f"Principle prompt {prefix_id}: {len(rendered.numbering)} principles, exemplars "
+                     f"{list(rendered.exemplar_names)}.",
+                     "Cleaning applied (records affected): "
+                     + (", ".join(f"{k} {v}" for k, v in sorted(cleaning.items())) or "none")]
+            outputs.update(write_funnel(stage.path, STAGE, [("Self-align responses", funnel_steps(
+                "generated", len(recs), [r["filter"] for r in recs], REASONS))],
+                citations=dict(citations), notes=notes))
+        return StageResult(counts, outputs)

@@ -10,47 +10,17 @@ from __future__ import annotations
 import math
 import os
 
-from dromedary_jax.jsonl import read_json
-from dromedary_jax.model.config import ModelConfig, preset
+from dromedary_jax.model.config import ModelConfig
+from dromedary_jax.pipeline.resources import model_config_of
 
 GiB = 1024**3
 
 
-def model_config_of(model_cfg) -> tuple[ModelConfig | None, str]:
-    """The ModelConfig a run will use, read from the preset or the checkpoint's json (no weights),
-    in the run's compute dtype (``model.dtype``, as ``resources.load_model_and_tokenizer``)."""
-    c, origin = _model_config_of(model_cfg)
-    if c is not None and not (model_cfg.preset and not model_cfg.checkpoint
-                              and "dtype" in dict(model_cfg.overrides or {})):
-        c = c.replace(dtype=model_cfg.dtype)
-    return c, origin
-
-
-def _model_config_of(model_cfg) -> tuple[ModelConfig | None, str]:
-    overrides = dict(model_cfg.overrides or {})
-    if model_cfg.preset and not model_cfg.checkpoint:
-        overrides.setdefault("vocab_size", 512 if model_cfg.tokenizer == "builtin:demo"
-                             else preset(model_cfg.preset).vocab_size)
-        return preset(model_cfg.preset, **overrides), f"preset {model_cfg.preset}"
-    path = model_cfg.checkpoint
-    for name in ("dromedary_checkpoint.json", "config.json", "params.json"):
-        f = os.path.join(path, name) if path else ""
-        if f and os.path.isfile(f):
-            d = read_json(f)
-            if name == "config.json":
-                return ModelConfig.from_hf_config(d), f"{f}"
-            if name == "params.json":
-                return ModelConfig.from_meta_params(d, vocab_size=32000), f"{f} (vocab assumed 32000)"
-            from dromedary_jax.checkpoint.orbax_io import config_from_json
-
-            return config_from_json(d["config"]), f"{f}"
-    if model_cfg.preset:
-        return preset(model_cfg.preset, **overrides), (
-            f"preset {model_cfg.preset} (checkpoint {path!r} is not readable here)")
-    return None, f"checkpoint {path!r} not readable here (set model.preset for estimates)"
-
-
 def mesh_shape(model_cfg, num_devices: int):
+    """``{"data": d, "fsdp": f, "tensor": t}`` (axis sizes, their product ``num_devices``) for
+    ``model_cfg.mesh`` with its one -1 axis resolved, or None when no mesh is set (one device).
+    UserError from ``sharding.resolve_mesh_shape`` for a malformed shape or one that does not
+    divide ``num_devices``."""
     from dromedary_jax.sharding import MESH_AXES, resolve_mesh_shape
 
     shape = tuple(model_cfg.get("mesh") or ())
@@ -251,7 +221,11 @@ def prompt_tokens(config, rendered) -> tuple[int, bool]:
 
 
 def stage_plan(config, workdir: str, stages) -> list[str]:
-    from dromedary_jax.run import stage_status
+    """One line per stage of ``stages`` (names, in run order): its number, its status in
+    ``workdir`` (``runner.stage_status``: run / resume / done (skip) / changed, i.e. refused
+    unless --config.overwrite/force) and a short note of its main settings. ``config``:
+    completed."""
+    from dromedary_jax.pipeline.runner import stage_status
 
     notes = {
         "self_instruct": lambda: (f"topics {config.self_instruct.topics.rounds} rounds; vanilla up to "
@@ -293,7 +267,7 @@ def print_dry_run(config, workdir: str, stages, devices: int = 0) -> None:
     # the stage-2 prompt is text assembly: build it here so a bad drop_principles / exemplar
     # setting fails the dry run with the same UserError as the real run
     from dromedary_jax.errors import UserError
-    from dromedary_jax.pipeline.self_align import render_prompt
+    from dromedary_jax.pipeline.stages.self_align import render_prompt
 
     try:
         rendered, _ = render_prompt(config)

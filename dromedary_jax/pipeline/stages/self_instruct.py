@@ -1,6 +1,7 @@
 """Stage 1: topic-guided red-teaming self-instruct (TGRT) + vanilla self-instruct.
 
-    run(config, workdir)   ->  <workdir>/self_instruct/prompts.jsonl   (questions for stage 2)
+    SelfInstruct (run by runner.run_stage)  ->  <workdir>/self_instruct/prompts.jsonl
+                                                (questions for stage 2)
 
 1. Topic brainstorm, ``topics.rounds`` rounds. Before each round (and after the last) every
    question type's topics are de-duplicated case-insensitively and every type is cut to the
@@ -29,20 +30,20 @@ host count give the same records.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import string
 from collections import Counter
 
 from dromedary_jax.errors import UserError
-from dromedary_jax.pipeline import data as D
-from dromedary_jax.pipeline.defaults import complete
+from dromedary_jax.pipeline import data_files as D
 from dromedary_jax.pipeline.filters import InstructionFilter, RougeLDeduper
-from dromedary_jax.pipeline.loop import generate_into, log, sampling_kwargs
-from dromedary_jax.pipeline.records import (Hosts, StageDir, model_fingerprint, strip_non_semantic, text_digest,
-                                            write_jsonl_atomic)
-from dromedary_jax.pipeline.report import funnel_steps, write_funnel
-from dromedary_jax.pipeline.resources import Resources
+from dromedary_jax.pipeline.generation import generate_into, log
+from dromedary_jax.pipeline.records import model_fingerprint, strip_non_semantic, text_digest, write_jsonl_atomic
+from dromedary_jax.pipeline.reports.funnel import funnel_steps, write_funnel
+from dromedary_jax.pipeline.stage import StageContext, StageResult
+from dromedary_jax.sampling.settings import SamplingSettings
 
 STAGE = "self_instruct"
 TOPIC_REASONS = ("empty", "too_long", "not_capitalized", "trailing_punctuation")
@@ -102,6 +103,12 @@ def normalize_topics(by_type: dict[str, list[str]]) -> tuple[dict[str, list[str]
 
 def topic_prompts(template: D.Template, pool: dict[str, list[str]], types: list[str], rnd: int, tcfg,
                   seed: int) -> list[dict]:
+    """The brainstorm prompts of round ``rnd``: for each question type (``types`` order), one per
+    topic of ``pool[type]`` (at most ``tcfg.max_prompts_per_type`` when > 0). Each is
+    ``template`` (question_type, num_topics = ``topics_per_call``) followed by a numbered topic
+    list: the i-th topic alone while the type has fewer than 2 x ``examples_per_prompt`` topics,
+    else ``examples_per_prompt`` topics sampled with ``Random(f"{seed}|{id}")``. Items:
+    {"id", "prompt", "round", "question_type"}."""
     items = []
     for ti, qt in enumerate(types):
         topics = pool[qt]
@@ -118,12 +125,17 @@ def topic_prompts(template: D.Template, pool: dict[str, list[str]], types: list[
 
 
 def run_topics(stage, gen, cfg, seeds, seed) -> tuple[dict[str, list[str]], list]:
+    """Step 1 (see the module docstring): ``cfg.topics.rounds`` brainstorm rounds with generator
+    ``gen`` into shard ``topics`` of ``stage`` (a StageDir), starting from the seeds' topics
+    (``cfg``: ``config.self_instruct``; ``seeds``: the red-teaming seeds). Returns (final pool
+    {question type: topics}, deduplicated and balanced over types; its funnel steps). UserError
+    for a missing or malformed topic template."""
     tcfg = cfg.topics
     template = D.Template.load(cfg.topic_template, "self_instruct.topic_template",
                                ("question_type", "num_topics"))
     types = D.question_types(seeds)
     by_type = {qt: [s["topic"] for s in seeds if s["question_type"] == qt] for qt in types}
-    kw = sampling_kwargs(tcfg)
+    kw = SamplingSettings.from_config(tcfg, "self_instruct.topics")
     lines_total, reasons, new_unique = 0, [], 0
     for rnd in range(tcfg.rounds):
         pool, _ = normalize_topics(by_type)
@@ -134,7 +146,7 @@ def run_topics(stage, gen, cfg, seeds, seed) -> tuple[dict[str, list[str]], list
             return {"id": it["id"], "round": it["round"], "question_type": it["question_type"],
                     "prompt": it["prompt"], "generation": text, "topics": acc, "rejected": rej}
 
-        generate_into(stage, "topics", items, gen, batch_size=cfg.batch_size, seed=seed, gen_kwargs=kw,
+        generate_into(stage, "topics", items, gen, batch_size=cfg.batch_size, seed=seed, settings=kw,
                       make_record=make, label=f"topics round {rnd}")
         wanted = {it["id"] for it in items}
         recs = [r for r in stage.records("topics") if r["id"] in wanted]
@@ -165,6 +177,13 @@ def _hint(i: int, qt: str, topic: str) -> str:
 
 def question_prompts(template: D.Template, pool: dict[str, list[str]], types: list[str], seeds, qcfg,
                      seed: int) -> list[dict]:
+    """The question-generation prompts: the (type, topic) pairs of ``pool`` taken round-robin
+    over ``types``, ``qcfg.hints_per_prompt`` per prompt (the first ``max_prompts`` x that many
+    pairs when ``max_prompts`` > 0), each after ``examples_per_prompt`` seed questions (sampled
+    with ``Random(f"{seed}|{id}")``) shown as worked hints. Items: {"id", "prompt", "expected":
+    [[hint line, type, topic], ...] (the new hints)}; with ``qcfg.one_per_prompt`` one item per
+    new hint (id ``<id>-NN``) whose prompt ends with that hint's line up to ``instruction:``
+    (also in ``"prefill"``)."""
     # round-robin over types, so every prompt (and a capped run) mixes question types
     depth = max((len(pool.get(qt, [])) for qt in types), default=0)
     pairs = [(qt, pool[qt][i]) for i in range(depth) for qt in types if i < len(pool.get(qt, []))]
@@ -227,6 +246,12 @@ def parse_questions(text: str, expected) -> tuple[list[dict], list[list[str]]]:
 
 
 def run_questions(stage, gen, cfg, seeds, pool, seed) -> tuple[list[dict], list]:
+    """Step 2 (see the module docstring): generate into shard ``questions`` of ``stage`` for the
+    topic ``pool``, parse the lines, and drop a repeated (type, topic) (``duplicate_hint``) or a
+    repeated question text (``duplicate_text``, case and punctuation ignored). Returns
+    (candidates {"id", "source": "tgrt", "instruction", "input": "", "question_type", "topic",
+    "filter": reason or None}, funnel steps). UserError for a missing or malformed question
+    template."""
     qcfg = cfg.questions
     template = D.Template.load(cfg.question_template, "self_instruct.question_template",
                                ("hints", "examples", "num"))
@@ -240,11 +265,11 @@ def run_questions(stage, gen, cfg, seeds, pool, seed) -> tuple[list[dict], list]
             rec["prefill"] = it["prefill"]
         return rec
 
-    kw = sampling_kwargs(qcfg)
+    kw = SamplingSettings.from_config(qcfg, "self_instruct.questions")
     if qcfg.one_per_prompt:
-        kw["stop"] = ("\n",)  # one request: the hint's own line
+        kw = dataclasses.replace(kw, stop=("\n",))  # one request: the hint's own line
     generate_into(stage, "questions", items, gen, batch_size=cfg.batch_size, seed=seed,
-                  gen_kwargs=kw, make_record=make, label="questions")
+                  settings=kw, make_record=make, label="questions")
     cands, reasons, lines = [], [], 0
     seen_hint, seen_text = set(), set()
     wanted = {it["id"] for it in items}
@@ -273,6 +298,11 @@ def run_questions(stage, gen, cfg, seeds, pool, seed) -> tuple[list[dict], list]
 # ------------------------------------------------------------------------------------ vanilla
 
 def encode_vanilla_prompt(preamble: str, examples: list[dict]) -> str:
+    """A vanilla self-instruct prompt: ``preamble``, then per example task a ``###`` block
+    ``N. Instruction: <instruction>`` / ``N. Input:`` / ``<input or <noinput>>`` (whitespace
+    runs in the instruction collapsed, a trailing ":" dropped), ending in ``###`` and the next
+    ``N. Instruction:``. This is Stanford Alpaca's ``encode_prompt`` layout without the
+    ``Output`` lines."""
     prompt = preamble.rstrip() + "\n\n"
     for i, ex in enumerate(examples):
         instruction = re.sub(r"\s+", " ", ex["instruction"]).strip().rstrip(":")
@@ -309,6 +339,11 @@ def parse_vanilla(text: str, num_examples: int) -> list[dict]:
 
 
 def run_vanilla(stage, gen, cfg, seed) -> tuple[list[dict], list]:
+    """Step 3 (see the module docstring): rounds of ``requests_per_round`` prompts into shard
+    ``vanilla`` of ``stage`` until ``num_instructions`` are kept or ``max_rounds`` have run.
+    Returns (candidates {"id", "source": "vanilla", "instruction", "input", "question_type": "",
+    "topic": "", "filter": reason or None}, funnel steps). UserError for missing seed tasks or
+    template, or when ``vanilla.prompt_seed_tasks`` exceeds the seed tasks available."""
     vcfg = cfg.vanilla
     seed_tasks = D.load_seed_tasks(cfg.seed_tasks)
     template = D.Template.load(cfg.vanilla_template, "self_instruct.vanilla_template", ("num_tasks",))
@@ -320,7 +355,7 @@ def run_vanilla(stage, gen, cfg, seed) -> tuple[list[dict], list]:
     dedup = RougeLDeduper([t["instruction"] for t in seed_tasks], vcfg.rouge_threshold)
     machine: list[dict] = []
     cands, reasons = [], []
-    kw = sampling_kwargs(vcfg)
+    kw = SamplingSettings.from_config(vcfg, "self_instruct.vanilla")
     for rnd in range(vcfg.max_rounds):
         if len(machine) >= vcfg.num_instructions:
             break
@@ -340,7 +375,7 @@ def run_vanilla(stage, gen, cfg, seed) -> tuple[list[dict], list]:
             return {"id": it["id"], "round": it["round"], "prompt": it["prompt"], "examples": it["examples"],
                     "num_examples": it["num_examples"], "generation": text}
 
-        generate_into(stage, "vanilla", items, gen, batch_size=cfg.batch_size, seed=seed, gen_kwargs=kw,
+        generate_into(stage, "vanilla", items, gen, batch_size=cfg.batch_size, seed=seed, settings=kw,
                       make_record=make, label=f"vanilla round {rnd}")
         wanted = {it["id"] for it in items}
         kept_before = len(machine)
@@ -367,63 +402,83 @@ def run_vanilla(stage, gen, cfg, seed) -> tuple[list[dict], list]:
 
 # ------------------------------------------------------------------------------------ stage
 
-def fingerprint(config, files: dict[str, str], legacy: bool = False) -> dict:
-    """What changes this stage's records (``legacy``: as versions before the model's bookkeeping
-    keys were left out computed it, so their finished folders stay valid)."""
-    model = strip_non_semantic(config.model.to_dict()) if legacy else model_fingerprint(config.model)
-    return {"stage": STAGE, "seed": config.seed, "model": model,
-            "self_instruct": strip_non_semantic(config.self_instruct.to_dict()),
-            "inputs": {k: text_digest(v) for k, v in sorted(files.items())}}
+INPUT_FILES = ("red_team_seeds", "seed_tasks", "topic_template", "question_template", "vanilla_template")
 
 
-def stage_dir(config, workdir: str, hosts: Hosts = Hosts()) -> StageDir:
-    """This stage's folder under ``config`` (a completed config); opens nothing."""
-    cfg = config.self_instruct
-    files = {"red_team_seeds": D.read_text(cfg.red_team_seeds, "self_instruct.red_team_seeds")}
-    for key in ("seed_tasks", "topic_template", "question_template", "vanilla_template"):
-        files[key] = D.read_text(cfg[key], f"self_instruct.{key}")
-    return StageDir(workdir, STAGE, fingerprint(config, files), hosts, overwrite=config.overwrite,
-                    force=config.force, legacy=[fingerprint(config, files, legacy=True)])
+class SelfInstruct:
+    """Stage 1 (see the module docstring) as a :class:`~dromedary_jax.pipeline.stage.Stage`."""
 
+    name = STAGE
 
-def run(config, workdir: str, resources: Resources | None = None) -> dict:
-    """Run stage 1 into ``<workdir>/self_instruct``; returns the manifest counts."""
-    config = complete(config)
-    res = resources or Resources(config)
-    cfg = config.self_instruct
-    seeds = D.load_red_team_seeds(cfg.red_team_seeds)
-    stage = stage_dir(config, workdir, res.hosts)
-    if stage.is_done():
-        return stage.manifest()["counts"]
-    stage.open()
-    gen, seed = res.generator, int(config.seed)
-    sections, cands = [], []
-    types = D.question_types(seeds)
-    if cfg.topics.enabled:
-        pool, steps = run_topics(stage, gen, cfg, seeds, seed)
-        sections.append(("Topic brainstorm", steps))
-    else:
-        pool, _ = normalize_topics({qt: [s["topic"] for s in seeds if s["question_type"] == qt] for qt in types})
-    if cfg.questions.enabled:
-        qc, steps = run_questions(stage, gen, cfg, seeds, pool, seed)
-        cands += qc
-        sections.append(("Topic-guided red-teaming questions", steps))
-    if cfg.vanilla.enabled:
-        vc, steps = run_vanilla(stage, gen, cfg, seed)
-        cands += vc
-        sections.append(("Vanilla self-instruct", steps))
-    kept = [{k: c[k] for k in ("id", "source", "instruction", "input", "question_type", "topic")}
-            for c in cands if c["filter"] is None]
-    counts = {"topics": sum(len(v) for v in pool.values()), "candidates": len(cands), "prompts": len(kept),
-              "tgrt_kept": sum(c["source"] == "tgrt" for c in kept),
-              "vanilla_kept": sum(c["source"] == "vanilla" for c in kept),
-              "filtered": dict(Counter(c["filter"] for c in cands if c["filter"]))}
-    outputs = {"prompts": stage.file("prompts.jsonl"), "candidates": stage.file("candidates.jsonl"),
-               "topics": stage.file("topics.jsonl")}
-    if stage.hosts.is_main:
-        write_jsonl_atomic(outputs["topics"], ({"question_type": qt, "topic": t} for qt in types for t in pool.get(qt, [])))
-        write_jsonl_atomic(outputs["candidates"], cands)
-        write_jsonl_atomic(outputs["prompts"], kept)
-        outputs.update(write_funnel(stage.path, STAGE, sections))
-    stage.write_manifest(counts, outputs)
-    return counts
+    def default_on(self, config) -> bool:
+        """Always part of a full run."""
+        return True
+
+    def requires(self, config) -> tuple[str, ...]:
+        """The first stage: it reads only the project's data files."""
+        return ()
+
+    def check(self, config, workdir: str) -> None:
+        """Seeds, seed tasks and the three templates read and fill; enough seed tasks for the
+        vanilla prompts."""
+        si = config.self_instruct
+        D.load_red_team_seeds(si.red_team_seeds)
+        D.Template.load(si.topic_template, "self_instruct.topic_template",
+                        ("question_type", "num_topics"))
+        D.Template.load(si.question_template, "self_instruct.question_template",
+                        ("hints", "examples", "num"))
+        D.Template.load(si.vanilla_template, "self_instruct.vanilla_template", ("num_tasks",))
+        tasks = D.load_seed_tasks(si.seed_tasks)
+        if si.vanilla.enabled and si.vanilla.prompt_seed_tasks > len(tasks):
+            raise UserError(f"config.self_instruct.vanilla.prompt_seed_tasks="
+                            f"{si.vanilla.prompt_seed_tasks} but {si.seed_tasks} has only "
+                            f"{len(tasks)} tasks")
+
+    def read_inputs(self, config, workdir: str) -> dict:
+        """{"files": {key: text} of :data:`INPUT_FILES`, "seeds": the red-teaming seeds}."""
+        cfg = config.self_instruct
+        return {"files": {k: D.read_text(cfg[k], f"self_instruct.{k}") for k in INPUT_FILES},
+                "seeds": D.load_red_team_seeds(cfg.red_team_seeds)}
+
+    def fingerprint(self, config, inputs: dict, upstream) -> dict:
+        """Seed, model (bookkeeping keys left out), this section, the input files' digests."""
+        return {"stage": STAGE, "seed": config.seed, "model": model_fingerprint(config.model),
+                "self_instruct": strip_non_semantic(config.self_instruct.to_dict()),
+                "inputs": {k: text_digest(v) for k, v in sorted(inputs["files"].items())}}
+
+    def run(self, ctx: StageContext, inputs: dict) -> StageResult:
+        """Topics, then red-teaming questions, then vanilla self-instruct; the kept prompts."""
+        config, stage = ctx.config, ctx.dir
+        cfg, seeds = config.self_instruct, inputs["seeds"]
+        gen, seed = ctx.resources.generator, int(config.seed)
+        sections, cands = [], []
+        types = D.question_types(seeds)
+        if cfg.topics.enabled:
+            pool, steps = run_topics(stage, gen, cfg, seeds, seed)
+            sections.append(("Topic brainstorm", steps))
+        else:
+            pool, _ = normalize_topics({qt: [s["topic"] for s in seeds if s["question_type"] == qt]
+                                        for qt in types})
+        if cfg.questions.enabled:
+            qc, steps = run_questions(stage, gen, cfg, seeds, pool, seed)
+            cands += qc
+            sections.append(("Topic-guided red-teaming questions", steps))
+        if cfg.vanilla.enabled:
+            vc, steps = run_vanilla(stage, gen, cfg, seed)
+            cands += vc
+            sections.append(("Vanilla self-instruct", steps))
+        kept = [{k: c[k] for k in ("id", "source", "instruction", "input", "question_type", "topic")}
+                for c in cands if c["filter"] is None]
+        counts = {"topics": sum(len(v) for v in pool.values()), "candidates": len(cands),
+                  "prompts": len(kept), "tgrt_kept": sum(c["source"] == "tgrt" for c in kept),
+                  "vanilla_kept": sum(c["source"] == "vanilla" for c in kept),
+                  "filtered": dict(Counter(c["filter"] for c in cands if c["filter"]))}
+        outputs = {"prompts": stage.file("prompts.jsonl"), "candidates": stage.file("candidates.jsonl"),
+                   "topics": stage.file("topics.jsonl")}
+        if stage.hosts.is_main:
+            write_jsonl_atomic(outputs["topics"], ({"question_type": qt, "topic": t}
+                                                   for qt in types for t in pool.get(qt, [])))
+            write_jsonl_atomic(outputs["candidates"], cands)
+            write_jsonl_atomic(outputs["prompts"], kept)
+            outputs.update(write_funnel(stage.path, STAGE, sections))
+        return StageResult(counts, outputs)

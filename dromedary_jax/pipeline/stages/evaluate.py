@@ -1,6 +1,7 @@
 """Stage 5, evaluation: the paper's benchmarks on the base, engraved and verbose-cloned models.
 
-    run(config, workdir)  ->  <workdir>/evaluate/<model>.json   (one per model in evaluate.models)
+    Evaluate (run by runner.run_stage)  ->  <workdir>/evaluate/<model>.json   (one per model in
+                                            evaluate.models)
 
 Each model is scored on TruthfulQA MC1/MC2 (lm-evaluation-harness's truthfulqa_mc1/mc2
 scoring, :mod:`dromedary_jax.eval.truthfulqa`) and BIG-bench HHH (overall and per category,
@@ -26,11 +27,11 @@ import os
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.jsonl import read_json, write_json_atomic
-from dromedary_jax.pipeline import data as D
-from dromedary_jax.pipeline.defaults import complete
+from dromedary_jax.pipeline import data_files as D
 from dromedary_jax.pipeline.finetune import meta_template
-from dromedary_jax.pipeline.records import Hosts, StageDir, stage_done, strip_non_semantic
-from dromedary_jax.pipeline.resources import Resources, load_run_model, model_kind
+from dromedary_jax.pipeline.records import strip_non_semantic
+from dromedary_jax.pipeline.resources import load_run_model, model_kind
+from dromedary_jax.pipeline.stage import StageContext, StageResult
 
 STAGE = "evaluate"
 MODELS = ("base", "engrave", "verbose_clone")
@@ -89,36 +90,22 @@ def question_sets(benchmarks: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def model_path(config, workdir: str, name: str) -> str:
+    """Where model ``name`` (one of :data:`MODELS`) comes from: ``model.checkpoint`` for
+    "base" (``preset:<name>`` for a randomly initialised preset), else its stage's
+    ``<workdir>/<stage>/model`` folder."""
     if name == "base":
         return config.model.checkpoint or f"preset:{config.model.preset}"
     return os.path.join(workdir, *MODEL_DIRS[name])
 
 
 def check_models(config) -> list[str]:
+    """``evaluate.models`` as a list, in config order; UserError naming the key when it is empty
+    or names a model not in :data:`MODELS`."""
     models = list(config.evaluate.models)
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise UserError(f"config.evaluate.models={models}: use some of {list(MODELS)}")
     return models
-
-
-def stage_dir(config, workdir: str, hosts: Hosts = Hosts(), benchmarks=None) -> StageDir:
-    """This stage's folder under ``config`` (completed); opens nothing."""
-    needed = [MODEL_DIRS[m][0] for m in check_models(config) if m in MODEL_DIRS]
-    upstream = {}
-    for stage in needed:
-        m = stage_done(workdir, stage)
-        if m is None:
-            raise UserError(f"stage {STAGE} needs the output of stage {stage}, which has not "
-                            f"finished in {workdir}: run it first (--stages {stage},{STAGE})")
-        upstream[stage] = m["config_hash"]
-    benchmarks = load_benchmarks(config) if benchmarks is None else benchmarks
-    ev = strip_non_semantic(config.evaluate.to_dict())
-    ev.pop("batch_tokens", None)
-    fp = {"stage": STAGE, "evaluate": ev, "inputs": upstream,
-          "model": config.model.checkpoint or config.model.preset,
-          "questions": {k: s["fingerprint"] for k, s in question_sets(benchmarks).items()}}
-    return StageDir(workdir, STAGE, fp, hosts, overwrite=config.overwrite, force=config.force)
 
 
 def sample_prompts(config) -> tuple[list[str], list[str]]:
@@ -183,39 +170,66 @@ def score_table(results: dict[str, dict]) -> dict[str, dict]:
     return table
 
 
-def run(config, workdir: str, resources: Resources | None = None) -> dict:
-    config = complete(config)
-    res = resources or Resources(config, workdir=workdir)
-    if model_kind(config.model) == "scripted":
-        raise UserError("stage evaluate scores language models; config.model.kind='scripted' has "
-                        "none (drop evaluate from --stages)")
-    models = check_models(config)
-    benchmarks = load_benchmarks(config)
-    stage = stage_dir(config, workdir, res.hosts, benchmarks)
-    if stage.is_done():
-        return stage.manifest()["counts"]
-    stage.open()
-    import jax
+class Evaluate:
+    """Stage 5 (see the module docstring) as a :class:`~dromedary_jax.pipeline.stage.Stage`."""
 
-    lead = jax.process_index() == 0
-    for name in models:
-        out_path = stage.file(f"{name}.json")
-        if os.path.isfile(out_path):
-            continue  # evaluated before a kill
-        if name == "base":
-            model, tokenizer = res.model_and_tokenizer
-        else:
-            tokenizer = res.tokenizer
-            model = load_run_model(config.model, model_path(config, workdir, name))
-        print(f"[{STAGE}] {name}: scoring "
-              + ", ".join(f"{k} ({len(v)} questions)" for k, v in benchmarks.items()), flush=True)
-        result = evaluate_model(model, tokenizer, benchmarks, config, progress=lead)
-        del model
-        gc.collect()
-        if stage.hosts.is_main:
-            write_json_atomic(out_path, {"model": name, "path": model_path(config, workdir, name),
-                                         **result})
-        stage.hosts.barrier(f"{STAGE}-{name}-written")
-    counts = score_table(read_results(workdir))
-    stage.write_manifest(counts, {name: stage.file(f"{name}.json") for name in models})
-    return counts
+    name = STAGE
+
+    def default_on(self, config) -> bool:
+        """Only when the config names a benchmark (``evaluate.truthfulqa`` / ``evaluate.hhh``)."""
+        return bool(config.evaluate.truthfulqa or config.evaluate.hhh)
+
+    def requires(self, config) -> tuple[str, ...]:
+        """The stages whose models ``evaluate.models`` names (base needs none)."""
+        return tuple(MODEL_DIRS[m][0] for m in check_models(config) if m in MODEL_DIRS)
+
+    def check(self, config, workdir: str) -> None:
+        """Known model names, benchmark files there and well-formed, the sample prompts."""
+        check_models(config)
+        load_benchmarks(config)
+        sample_prompts(config)
+
+    def read_inputs(self, config, workdir: str) -> dict:
+        """{"models": names, "benchmarks": {name: records}}; UserError for the scripted fake."""
+        if model_kind(config.model) == "scripted":
+            raise UserError("stage evaluate scores language models; config.model.kind='scripted' has "
+                            "none (drop evaluate from --stages)")
+        return {"models": check_models(config), "benchmarks": load_benchmarks(config)}
+
+    def fingerprint(self, config, inputs: dict, upstream) -> dict:
+        """This section (batch size left out), the evaluated stages' hashes, the base model,
+        the question sets' fingerprints."""
+        ev = strip_non_semantic(config.evaluate.to_dict())
+        ev.pop("batch_tokens", None)
+        return {"stage": STAGE, "evaluate": ev,
+                "inputs": {name: m["config_hash"] for name, m in upstream.items()},
+                "model": config.model.checkpoint or config.model.preset,
+                "questions": {k: s["fingerprint"] for k, s in question_sets(inputs["benchmarks"]).items()}}
+
+    def run(self, ctx: StageContext, inputs: dict) -> StageResult:
+        """Score each model in turn (one in memory at a time; a scored one is skipped on resume)."""
+        import jax
+
+        config, stage, workdir, res = ctx.config, ctx.dir, ctx.workdir, ctx.resources
+        models, benchmarks = inputs["models"], inputs["benchmarks"]
+        lead = jax.process_index() == 0
+        for name in models:
+            out_path = stage.file(f"{name}.json")
+            if os.path.isfile(out_path):
+                continue  # evaluated before a kill
+            if name == "base":
+                model, tokenizer = res.model_and_tokenizer
+            else:
+                tokenizer = res.tokenizer
+                model = load_run_model(config.model, model_path(config, workdir, name))
+            print(f"[{STAGE}] {name}: scoring "
+                  + ", ".join(f"{k} ({len(v)} questions)" for k, v in benchmarks.items()), flush=True)
+            result = evaluate_model(model, tokenizer, benchmarks, config, progress=lead)
+            del model
+            gc.collect()
+            if stage.hosts.is_main:
+                write_json_atomic(out_path, {"model": name, "path": model_path(config, workdir, name),
+                                             **result})
+            stage.hosts.barrier(f"{STAGE}-{name}-written")
+        return StageResult(score_table(read_results(workdir)),
+                           {name: stage.file(f"{name}.json") for name in models})

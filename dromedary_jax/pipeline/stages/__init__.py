@@ -1,0 +1,2 @@
+"""The SELF-ALIGN stages, one module each; the registry (:data:`STAGES`) is in
+:mod:`dromedary_jax.pipeline.runner`."""
