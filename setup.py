@@ -32,6 +32,7 @@ EXTRAS = {
     "lm_eval": ["lm-eval>=0.4.13,<0.5"],
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.8,<4",  # make test runs the files on 2 workers (--dist loadfile)
         "torch==2.13.0",
         "transformers>=5.0,<6",
         "accelerate>=1.15,<2",  # transformers needs it to load a .gguf (tests/test_gguf.py)

@@ -222,7 +222,9 @@ def test_mesh_programs_need_no_full_rematerialization(tmp_path):
         "logits(model, ids)\n"
         "generate(model, ids.tolist(), max_new_tokens=3)\n"
         "print('compiled')\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # compiled here, not read from the test session's compilation cache: the log is what we read
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_ENABLE_COMPILATION_CACHE="false")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

@@ -27,6 +27,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
@@ -240,6 +241,7 @@ def _wait(procs, out_dir: str, timeout: float = 300) -> list[str]:
     return logs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     import jax
 

@@ -63,6 +63,7 @@ def ids_per_step(workdir):
     return out, order
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, sp_model_path):
     train = write_records(tmp_path / "train.jsonl", 24)
