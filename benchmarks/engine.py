@@ -17,6 +17,15 @@ engine: compile time (``compile_only``), wall time, generated tokens/s, slot-ste
 (tokens / slot-steps: 1.0 would be no idle slot), and whether the texts are identical. Wall time
 on a shared 2-core box is noisy: run it twice. About 10 minutes on an idle 2-core machine
 (``--quick``: 12 prompts, 8 slots, 96 new tokens, about 2 minutes).
+
+``--peers`` adds, in the same process on the same prompts (the shared prefix joined to each
+prompt: transformers has no shared-prefix cache), greedy, same max new tokens and stop strings:
+transformers ``generate`` in static batches of the same size (left padding, ``stop_strings``)
+and transformers' continuous batching ``generate_batch`` (same number of slots as
+``max_batch_tokens`` allows; stop strings cut afterwards), both float32 on torch CPU threads.
+Ratios: our continuous engine vs each. ``--profile DIR`` writes a ``jax.profiler`` trace of one
+decode chunk of ours and prints the decode step's time against its FLOP roofline
+(``--peak-gflops``: this machine's float32 matmul peak, measured with a large matmul when 0).
 """
 import argparse
 import glob
@@ -134,6 +143,65 @@ def _compile(model, tok, prompts, kw, engine):
     api.generate(model, rows, **dj_kw)
 
 
+def _cut(text: str, stop) -> str:
+    """The text before the first stop string."""
+    cut = len(text)
+    for s_ in stop or ():
+        i = text.find(s_)
+        if s_ and 0 <= i < cut:
+            cut = i
+    return text[:cut]
+
+
+def peer_sides(gguf: str, prompts, header, batch: int, max_new: int) -> dict:
+    """transformers generate (static batches) and generate_batch (continuous) on the joined
+    prompts: {name: dict(texts, wall, useful tokens counted by our caller)}."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    folder, name = os.path.split(os.path.abspath(gguf))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32).eval()
+    tk = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tk.padding_side = "left"
+    if tk.pad_token is None:
+        tk.pad_token = tk.eos_token
+    prefix = header["shared_prefix"] or ""
+    full = [prefix + p for p in prompts]
+    stop = header["stop"]
+    out = {}
+    gen_cfg = transformers.GenerationConfig(max_new_tokens=max_new, do_sample=False,
+                                            eos_token_id=tk.eos_token_id, pad_token_id=tk.pad_token_id)
+    stop_cfg = transformers.GenerationConfig(**gen_cfg.to_dict(), stop_strings=list(stop) or None)
+    # static batches of `batch`, sorted by length like ours
+    order = sorted(range(len(full)), key=lambda i: -len(full[i]))
+    texts = [None] * len(full)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(order), batch):
+            idx = order[b:b + batch]
+            enc = tk([full[i] for i in idx], return_tensors="pt", padding=True)
+            gen = model.generate(**enc, generation_config=stop_cfg, tokenizer=tk)
+            for j, i in enumerate(idx):
+                texts[i] = _cut(tk.decode(gen[j, enc["input_ids"].shape[1]:], skip_special_tokens=True), stop)
+    out["hf generate"] = dict(texts=texts, wall=time.perf_counter() - t0)
+    # continuous batching (transformers >= 4.56: generate_batch)
+    try:
+        ids = [tk(p)["input_ids"] for p in full]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            res = model.generate_batch(inputs=ids, generation_config=gen_cfg, progress_bar=False)
+        wall = time.perf_counter() - t0
+        by_req = sorted(res.values(), key=lambda r: int(str(r.request_id).rsplit("_", 1)[-1]))
+        texts = [_cut(tk.decode(r.generated_tokens, skip_special_tokens=True), stop) for r in by_req]
+        out["hf generate_batch"] = dict(texts=texts, wall=wall)
+    except Exception as e:  # not every version runs it on CPU: say so, do not fail the benchmark
+        print(f"hf generate_batch: did not run on this machine ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]})", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="12 prompts, 8 slots, 96 new tokens")
@@ -145,6 +213,7 @@ def main():
     ap.add_argument("--build-workloads", action="store_true")
     ap.add_argument("--run-dir", default="/tmp/real_run")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--peers", action="store_true", help="also transformers generate / generate_batch")
     args = ap.parse_args()
     if args.build_workloads:
         for p in build_workloads(args.run_dir, args.gguf):
@@ -197,6 +266,15 @@ def main():
     print(f"continuous / static: {c['tok_s'] / s['tok_s']:.2f}x tokens/s; slot-steps "
           f"{s['slot_steps'] / max(c['slot_steps'], 1):.2f}x fewer; texts identical: {same}"
           + ("" if same else f" ({n_diff} of {len(prompts)} differ)"))
+    if args.peers:
+        for name, r in peer_sides(args.gguf, prompts, header, batch, max_new).items():
+            useful = sum(len(tok.encode(t, bos=False)) for t in r["texts"])
+            tok_s = useful / r["wall"]
+            agree = sum(a.strip() == b.strip() for a, b in zip(r["texts"], c["texts"]))
+            print(f"{name:>10}: {useful} tokens in {r['wall']:.1f} s -> {tok_s:.1f} tok/s; "
+                  f"texts equal to ours: {agree}/{len(prompts)}", flush=True)
+            print(f"continuous / {name}: {c['tok_s'] / tok_s:.2f}x tokens/s", flush=True)
+            res[name] = dict(wall=r["wall"], useful=useful, tok_s=tok_s, equal=agree)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: {kk: vv for kk, vv in v.items() if kk != "texts"}

@@ -213,12 +213,12 @@ def test_public_signatures_keep_their_keywords():
     for fn, names in ((dj.generate, ["max_new_tokens", "temperature", "top_p", "top_k", "eos_id",
                                      "seed", "ids", "logit_bias", "ngram_penalties",
                                      "shared_prefix", "prefix_cache", "batch_size", "progress",
-                                     "compile_only", "engine", "settings"]),
+                                     "compile_only", "engine", "settings", "on_result"]),
                       (dj.generate_text, ["max_new_tokens", "temperature", "top_p", "top_k",
                                           "stop", "logit_bias", "seed", "ids", "shared_prefix",
                                           "eos_id", "ngram_penalties", "prefix_cache",
                                           "batch_size", "stop_check_every", "progress", "engine",
-                                          "settings"])):
+                                          "settings", "on_result"])):
         params = inspect.signature(fn).parameters
         assert [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY] == names
         assert repr(params["temperature"].default) == "0.0"  # reads as before
@@ -276,6 +276,6 @@ def test_generate_into_passes_settings(tmp_path):
     n = generate_into(stage, "r", items, Fake(), batch_size=2, seed=0, settings=s,
                       make_record=lambda it, text: {"id": it["id"], "text": text})
     assert n == 3 and seen == [s, s]
-    with pytest.raises(TypeError, match="needs settings="):
+    with pytest.raises(TypeError, match="settings"):
         generate_into(stage, "r2", items, Fake(), batch_size=2, seed=0,
                       make_record=lambda it, text: {})
