@@ -2,7 +2,7 @@
 
 Names are imported lazily (``dromedary_jax.model.config`` needs no JAX, so the CLIs' config
 checks start fast; ``Llama`` and the forward pass import JAX and Flax on first use)."""
-import importlib
+from dromedary_jax.lazy_names import lazy_names
 
 _NAMES = {
     "PRESETS": "dromedary_jax.model.config", "ModelConfig": "dromedary_jax.model.config",
@@ -13,10 +13,4 @@ _NAMES = {
     "param_shapes": "dromedary_jax.model.llama",
 }
 
-__all__ = list(_NAMES)
-
-
-def __getattr__(name):
-    if name in _NAMES:
-        return getattr(importlib.import_module(_NAMES[name]), name)
-    raise AttributeError(f"module 'dromedary_jax.model' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_names(__name__, _NAMES)

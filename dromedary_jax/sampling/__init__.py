@@ -12,7 +12,7 @@ KV cache and last-token logits); ``PrefixCache`` is the LRU ``generate`` keeps t
 
 Names are imported lazily, so ``dromedary_jax.sampling.settings`` (no jax) stays cheap to import.
 """
-import importlib
+from dromedary_jax.lazy_names import lazy_names
 
 _API = {
     "generate": "dromedary_jax.sampling.api",
@@ -25,14 +25,4 @@ _API = {
     "prefill_prefix": "dromedary_jax.sampling.prefix_cache",
 }
 
-__all__ = sorted(_API)
-
-
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'dromedary_jax.sampling' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_names(__name__, _API)

@@ -9,7 +9,7 @@ train step and the checkpointed training loop.
 --config.data.train_files=RECORDS.jsonl --config.tokenizer=TOKENIZER.model`` runs the same from
 the command line. The loop module (and JAX) are imported on first use.
 """
-import importlib
+from dromedary_jax.lazy_names import lazy_names
 
 _API = {
     "run_sft": "dromedary_jax.training.loop",
@@ -22,10 +22,4 @@ _API = {
     "read_metrics": "dromedary_jax.training.metrics",
 }
 
-__all__ = sorted(_API)
-
-
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'dromedary_jax.training' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_names(__name__, _API)
