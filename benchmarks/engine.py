@@ -173,7 +173,9 @@ def peer_sides(gguf: str, prompts, header, batch: int, max_new: int) -> dict:
     out = {}
     gen_cfg = transformers.GenerationConfig(max_new_tokens=max_new, do_sample=False,
                                             eos_token_id=tk.eos_token_id, pad_token_id=tk.pad_token_id)
-    stop_cfg = transformers.GenerationConfig(**gen_cfg.to_dict(), stop_strings=list(stop) or None)
+    stop_cfg = transformers.GenerationConfig(
+        max_new_tokens=max_new, do_sample=False, eos_token_id=tk.eos_token_id,
+        pad_token_id=tk.pad_token_id, stop_strings=list(stop) or None)
     # static batches of `batch`, sorted by length like ours
     order = sorted(range(len(full)), key=lambda i: -len(full[i]))
     texts = [None] * len(full)
