@@ -250,15 +250,16 @@ def main():
     for engine in ("static", "continuous"):
         texts, wall, comp, st = run_side(model, tok, prompts, ids, header, engine, batch, max_new)
         res[engine] = dict(texts=texts, wall=wall, compile=comp, **{
-            k: v for k, v in st.items() if k in ("slot_steps", "tokens", "chunks", "refills")})
+            k: v for k, v in st.items() if k in ("slot_steps", "tokens", "chunks", "refills",
+                                                   "compactions")})
         r = res[engine]
         # useful tokens: those of the returned texts (before the stop string; both engines
         # also return a few tokens generated after it inside the last chunk)
         r["useful"] = sum(len(tok.encode(t, bos=False)) for t in texts)
         r["tok_s"] = r["useful"] / wall
         r["ideal"] = r["useful"] / max(r["slot_steps"], 1)
-        extra = (f", {r['chunks']} chunks, {r['refills']} refills" if engine == "continuous"
-                 else "")
+        extra = (f", {r['chunks']} chunks, {r['refills']} refills, {r['compactions']} tail "
+                 "compactions" if engine == "continuous" else "")
         print(f"{engine:>10}: {r['useful']} tokens ({r['tokens']} generated) in {wall:.1f} s -> {r['tok_s']:.1f} tok/s; "
               f"compile {comp:.1f} s; slot-steps {r['slot_steps']}, ideal "
               f"{r['ideal']:.1%}{extra}", flush=True)

@@ -10,7 +10,7 @@ import pytest
 import dromedary_jax as dj
 from dromedary_jax.errors import UserError
 from dromedary_jax.sampling.api import example_ids, loop_inputs, run_batches
-from dromedary_jax.sampling.engine import rows_bucket, run_engine
+from dromedary_jax.sampling.engine import rows_bucket, run_engine, tail_slots
 from dromedary_jax.sampling.settings import SamplingSettings
 from helpers import ours_from_hf, tiny_hf_model
 from test_sampling import PROMPTS, _hf_greedy
@@ -57,6 +57,13 @@ def test_rows_bucket():
     assert [rows_bucket(k, 16) for k in (1, 4, 5, 8, 9, 16)] == [4, 4, 8, 8, 16, 16]
     assert rows_bucket(3, 3) == 3 and rows_bucket(1, 1) == 1
     assert rows_bucket(1, 8, multiple=4) == 4
+
+
+def test_tail_slots():
+    assert [tail_slots(live, 16, 1, 4) for live in (0, 1, 3, 4, 5, 8, 9, 16)] == [
+        4, 4, 4, 4, 8, 8, 16, 16]
+    assert tail_slots(1, 8, 4, 1) == 4  # a multiple of the batch shards per process
+    assert tail_slots(1, 6, 4, 1) == 6 and tail_slots(1, 5, 1, 1) == 5
 
 
 @pytest.mark.parametrize("slots", [1, 3])
@@ -136,6 +143,55 @@ def test_stop_strings_and_shared_prefix_as_static(model, sp_tokenizer):
             assert all("e" not in g and "###" not in g for g in got)
 
 
+def test_stop_trigger_mask(sp_tokenizer):
+    from dromedary_jax.sampling.stop_strings import stop_trigger_mask
+
+    V = 5000  # beyond the tokenizer's vocabulary (a padded model vocab): never a trigger
+
+    def text(i):
+        try:
+            return sp_tokenizer.decode([i])
+        except IndexError:
+            return None
+
+    mask = stop_trigger_mask(sp_tokenizer, ("###", "User:"), V)
+    texts = [text(i) for i in range(V)]
+    known = [i for i, t in enumerate(texts) if t is not None]
+    assert 100 < len(known) < V and not mask[len(known):].any()
+    hits = [texts[i] for i in known if mask[i]]
+    assert hits and all(("#" in t) or (":" in t) or ("\ufffd" in t) for t in hits)
+    assert all(mask[i] for i in known if "#" in texts[i] or ":" in texts[i])
+    assert mask.sum() < len(known) // 4  # most tokens cannot complete these stop strings
+
+
+def test_stop_trigger_ends_chunks_at_once_with_the_same_texts(model, sp_tokenizer, monkeypatch):
+    """A row that samples a trigger token ends the chunk, so the host checks its stop strings
+    at once: fewer slot-steps than waiting out ``stop_check_every`` steps, the same texts."""
+    from dromedary_jax.sampling import api
+
+    rng = np.random.RandomState(3)
+    words = ["the", "fox", "sorry", "answer", "why", "how"]
+    texts = [" ".join(rng.choice(words, rng.randint(1, 10))) for _ in range(10)]
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=4, stop=["e"], stop_check_every=24,
+              batch_size=3)
+    want = dj.generate_text(model, sp_tokenizer, texts, **kw)
+    stats = []
+    real = api.run_engine
+
+    def spy(*a, **k):
+        stats.append({})
+        return real(*a, stats=stats[-1], **k)
+
+    monkeypatch.setattr(api, "run_engine", spy)
+    assert dj.generate_text(model, sp_tokenizer, texts, engine="continuous", **kw) == want
+    monkeypatch.setattr(api, "stop_trigger_mask", lambda tok, stop, v: np.zeros(v, bool))
+    assert dj.generate_text(model, sp_tokenizer, texts, engine="continuous", **kw) == want
+    triggered, untriggered = stats
+    assert sum(1 for t in want if len(t) < 20) >= 3  # rows that stopped early
+    assert triggered["slot_steps"] < untriggered["slot_steps"]
+    assert triggered["chunks"] > untriggered["chunks"]
+
+
 def test_shared_prefix_token_ids_and_empty_suffix(model):
     prefix = [1, 50, 51, 52, 53, 54, 55]
     prompts = [[], [9, 10], [60] * 20, [], [70, 71, 72]]
@@ -165,11 +221,16 @@ def test_finished_rows_stream_out_and_stats(model):
     # refilling finished slots wastes fewer slot-steps than waiting for a batch's last row
     assert st["slot_steps"] < st_static["slot_steps"]
     assert st["refills"] >= 3
-    # compile_only compiles and runs nothing
+    # the tail: the last rows were gathered into fewer slots (4 -> 2 -> 1)
+    assert st["compactions"] >= 1 and ("decode", 2, 64, 32) in st["programs"]
+    # compile_only compiles (every program the run used) and runs nothing
+    compiled = {}
     assert run_engine(model, LONG_PROMPTS, spec=spec, knobs=knobs, row_ids=ids, batch_size=4,
-                      compile_only=True, stats=st) == []
-    kinds = sorted(p[0] for p in st["programs"])
-    assert kinds.count("decode") == 1 and kinds.count("refill") >= 2
+                      compile_only=True, stats=compiled) == []
+    kinds = sorted(p[0] for p in compiled["programs"])
+    assert kinds.count("decode") == 3 and kinds.count("compact") == 2
+    assert kinds.count("refill") >= 2
+    assert st["programs"] <= compiled["programs"], st["programs"] - compiled["programs"]
 
 
 def test_stacked_weights_path(model):
@@ -204,7 +265,8 @@ def test_eight_devices_match_one(hf, sp_tokenizer):
     kw = dict(max_new_tokens=12, shared_prefix="### User: hi\n", stop=["e"], temperature=1.0,
               stop_check_every=3)
     texts = ["why", "sorry the fox", "how", "the answer", "fox", "how how the"]
-    assert dj.generate_text(sharded, sp_tokenizer, texts, batch_size=4, engine="continuous",
+    # 8 slots over the 4 batch shards: the tail is gathered into 4
+    assert dj.generate_text(sharded, sp_tokenizer, texts, batch_size=8, engine="continuous",
                             **kw) == dj.generate_text(single, sp_tokenizer, texts, **kw)
 
 

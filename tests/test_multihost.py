@@ -8,7 +8,13 @@ gloo collectives) against the same work done by this single test process (8 fake
 (b) the runner's stage 2 (self_align, tiny model, shared-prefix sampling): each host generates
     its share into its own record shard, the manifest is written once, and the records must be
     identical to the single-process run. The share is uneven (5 questions, batch 2), so hosts
-    make different numbers of batches: the stage must not hang.
+    make different numbers of batches: the stage must not hang. The same stage with the
+    continuous engine (2 slots per host: host 0 refills a slot while host 1 has nothing left)
+    gives the same records.
+(d) ``dj.generate_text`` with the continuous engine: each host passes its own share of 9
+    prompts (5 and 4) to its 4 slots; host 0 refills while host 1 has nothing left, both gather
+    their tails into fewer slots, stop strings end rows between chunks; the texts equal the
+    single-process ones.
 (c) eval scoring (``dj.eval.loglikelihoods``, shared preamble): every host runs the same call
     and gets every score, equal to the single-process scores within 1e-5; and the eval CLI
     (TruthfulQA MC, and sampled answers that each host generates a share of) gives the
@@ -94,7 +100,7 @@ def train_and_resume(workdir: str, data_file: str, tokenizer_path: str) -> dict:
     return {f"{k}.{ab}": np.asarray(v) for k, d in lora.items() for ab, v in d.items()}
 
 
-def pipeline_config(tokenizer_path: str):
+def pipeline_config(tokenizer_path: str, engine: str = "static"):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo_cfg", os.path.join(ROOT, "configs", "demo.py"))
@@ -106,13 +112,17 @@ def pipeline_config(tokenizer_path: str):
     c.self_align.max_questions = 5
     c.self_align.batch_size = 2  # host 0: 3 questions = 2 calls; host 1: 2 questions = 1 call
     c.model.batch_size = 4
+    if engine == "continuous":
+        c.model.engine = engine
+        c.model.batch_size = 2  # slots per host: host 0 (3 questions) refills one
     return c
 
 
-def self_align(workdir: str, tokenizer_path: str) -> dict:
+def self_align(workdir: str, tokenizer_path: str, engine: str = "static") -> dict:
     from dromedary_jax.run import run_stages
 
-    return run_stages(pipeline_config(tokenizer_path), workdir, ["self_align"], report=False)
+    return run_stages(pipeline_config(tokenizer_path, engine), workdir, ["self_align"],
+                      report=False)
 
 
 def score_pairs() -> np.ndarray:
@@ -137,6 +147,41 @@ def score_pairs() -> np.ndarray:
     out = loglikelihoods(model, pairs, batch_size=4)
     assert jax.process_count() == 1 or len(out) == len(pairs)
     return np.asarray([ll for ll, _ in out] + [float(g) for _, g in out])
+
+
+CONTINUOUS_PROMPTS = ["why", "sorry the fox", "how is it", "the answer", "fox", "how how the",
+                      "a", "the red fox jumps", "ok then"]
+
+
+def continuous_texts(tokenizer_path: str, mine=None) -> tuple[list[str], int]:
+    """(texts of this host's share of CONTINUOUS_PROMPTS (every ``process_count``-th one; all of
+    them when ``mine`` is "all"), tail compactions run): the continuous engine, 4 slots a host,
+    sampled, shared prefix, a stop string."""
+    import jax
+    from flax import nnx
+
+    import dromedary_jax as dj
+    from dromedary_jax.model.config import preset
+    from dromedary_jax.model.llama import Llama
+    from dromedary_jax.sampling import engine
+    from dromedary_jax.sharding import make_mesh
+    from dromedary_jax.tokenizer import load_tokenizer
+
+    model = Llama(preset("tiny"), rngs=nnx.Rngs(3), mesh=make_mesh(MESH))
+    n = len(CONTINUOUS_PROMPTS)
+    idx = range(n) if mine == "all" else range(jax.process_index(), n, jax.process_count())
+    calls = []
+    inner = engine.compact
+    engine.compact = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    try:
+        texts = dj.generate_text(
+            model, load_tokenizer(tokenizer_path), [CONTINUOUS_PROMPTS[i] for i in idx],
+            ids=[f"q{i}" for i in idx], max_new_tokens=16, temperature=1.0, seed=5, stop=[" ", "e"],
+            shared_prefix="### User: ", batch_size=4, stop_check_every=3,
+            engine="static" if mine == "all" else "continuous")
+    finally:
+        engine.compact = inner
+    return texts, len(calls)
 
 
 EVAL_DIR = os.path.join(ROOT, "tests", "data", "eval")
@@ -191,7 +236,11 @@ def worker(out_dir: str, tokenizer_path: str) -> None:
     scores = score_pairs()
     np.save(os.path.join(out_dir, f"scores{jax.process_index()}.npy"), scores)
     eval_cli(os.path.join(out_dir, "eval_model"), tokenizer_path, out_dir)
+    texts, compactions = continuous_texts(tokenizer_path)
+    with open(os.path.join(out_dir, f"continuous{jax.process_index()}.json"), "w") as f:
+        json.dump({"texts": texts, "compactions": compactions}, f)
     counts = self_align(os.path.join(out_dir, "pipe"), tokenizer_path)
+    self_align(os.path.join(out_dir, "pipe_continuous"), tokenizer_path, engine="continuous")
     print(f"process {jax.process_index()} done: {counts['self_align']['generated']} generated",
           flush=True)
 
@@ -261,6 +310,7 @@ def test_two_processes_match_one(tmp_path):
         ref_lora = train_and_resume(str(single / "train"), str(single / "sft.jsonl"), tok_path)
         ref_scores = score_pairs()
         eval_cli(model_dir, tok_path, str(single))
+        ref_texts, _ = continuous_texts(tok_path, mine="all")
         ref_counts = self_align(str(single / "pipe"), tok_path)
     finally:
         logs = _wait(procs, str(multi))
@@ -287,6 +337,12 @@ def test_two_processes_match_one(tmp_path):
     assert manifest["done"] and manifest["num_processes"] == 2
     assert manifest["counts"] == ref_counts["self_align"]
     assert not [f for f in os.listdir(stage) if ".tmp" in f]
+    # ... the continuous engine on 2 processes: each host's own slots, the same records
+    cont = multi / "pipe_continuous" / "self_align"
+    assert [len(x) for x in ([json.loads(line)["id"] for line in open(p)]
+                             for p in shard_paths(str(cont), "responses"))] == [3, 2]
+    assert read_shards(str(cont), "responses") == read_shards(str(ref_stage), "responses")
+    assert (cont / "kept.jsonl").read_text() == (ref_stage / "kept.jsonl").read_text()
 
     # (c) eval scoring: every host gets every score, equal to the single-process ones
     for pid in range(NUM_PROCESSES):
@@ -304,6 +360,12 @@ def test_two_processes_match_one(tmp_path):
     assert answers[0] == answers[1] and len(answers[0]) == 3
     assert any(len(a["choices"][0]["turns"]) == 2 for a in answers[0])
     assert '"answers": 3' in logs[0] and '"answers"' not in logs[1]
+
+    # (d) the continuous engine on 2 processes: each host's share equals the single-process texts
+    got = [json.loads((multi / f"continuous{pid}.json").read_text()) for pid in range(2)]
+    assert got[0]["texts"] == ref_texts[0::2] and got[1]["texts"] == ref_texts[1::2]
+    assert len({len(t) for t in ref_texts}) >= 3  # the stop string ended rows at different steps
+    assert got[0]["compactions"] >= 1 and got[0]["compactions"] == got[1]["compactions"]
 
     # logs and progress bars only on process 0
     assert "== stage self_align" in logs[0] and "== stage self_align" not in logs[1]

@@ -267,6 +267,26 @@ def test_bookkeeping_model_keys_do_not_lock_finished_stages(small_run, tmp_path)
     assert gen.calls == 0  # both stages still done: skipped, not refused
 
 
+def test_each_stage_reads_its_inputs_once_per_run(small_run, tmp_path, monkeypatch):
+    """The runner builds a stage's folder (and reads its inputs) once: for the status line and
+    the run alike."""
+    from dromedary_jax.pipeline.runner import STAGES
+
+    c, wd = _copy(small_run, tmp_path)
+    c.self_align.max_questions = 7  # stage 2 runs again (overwrite); stage 1 is skipped
+    c.overwrite = True
+    reads = []
+    for name in ("self_instruct", "self_align"):
+        cls = type(STAGES[name])
+        inner = cls.read_inputs
+        monkeypatch.setattr(cls, "read_inputs",
+                            lambda self, *a, _inner=inner, **k: reads.append(self.name) or
+                            _inner(self, *a, **k))
+    out = run_stages(c, wd, report=False)
+    assert out["self_align"]["generated"] == 7
+    assert reads == ["self_instruct", "self_align"]
+
+
 def test_failed_first_run_does_not_lock_the_corrected_rerun(tmp_path):
     c = tiny_config()
     c.self_instruct.vanilla.num_instructions = 5

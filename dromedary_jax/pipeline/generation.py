@@ -27,8 +27,9 @@ def generate_into(stage: StageDir, name: str, items: Sequence[Mapping], generato
     Every host makes the SAME number of generator calls (the most any host needs; a host with
     fewer items passes an empty batch): a model-backed generator runs collectives across hosts.
     A generator whose ``streams`` attribute is true (``ModelGenerator`` with the continuous
-    engine, one process) gets every item in one call with ``on_result``, and each finished
-    record is appended (flushed) as it finishes.
+    engine) gets every item in ONE call with ``on_result``, and each finished record is appended
+    (flushed) as it finishes; with several hosts every host makes that call, an empty one where
+    it has nothing left.
 
     Progress: when the generator has a true ``progress`` attribute (``ModelGenerator``, from
     ``config.model.progress``), process 0 shows ONE bar over this host's items with the
@@ -48,9 +49,9 @@ def generate_into(stage: StageDir, name: str, items: Sequence[Mapping], generato
 
                 bar = TokenProgress.create(len(todo), desc=f"{stage.stage}: {label or name}")
             extra = {"progress": bar if bar is not None else False}  # no per-call bars
-        if getattr(generator, "streams", False) and hosts.count == 1:
-            _stream(writer, todo, generator, make_record, shared_prefix=shared_prefix, seed=seed,
-                    settings=settings, **extra)
+        if getattr(generator, "streams", False):
+            _stream(writer, todo, generator, make_record, hosts, shared_prefix=shared_prefix,
+                    seed=seed, settings=settings, **extra)
         else:
             _batches(writer, todo, generator, make_record, hosts, batch_size,
                      shared_prefix=shared_prefix, seed=seed, settings=settings, **extra)
@@ -62,15 +63,16 @@ def generate_into(stage: StageDir, name: str, items: Sequence[Mapping], generato
     return len(todo)
 
 
-def _stream(writer, todo: list, generator, make_record, **call) -> None:
-    """One generator call over ``todo`` whose results are appended to ``writer`` as they come."""
+def _stream(writer, todo: list, generator, make_record, hosts, **call) -> None:
+    """One generator call over ``todo`` whose results are appended to ``writer`` as they come
+    (made even with nothing to do when there are several hosts: it joins their collectives)."""
     written: set[int] = set()
 
     def on_result(i: int, text: str) -> None:
         writer.append([make_record(todo[i], text)])
         written.add(i)
 
-    if not todo:
+    if not todo and hosts.count == 1:
         return
     texts = generator.generate([it["prompt"] for it in todo], ids=[it["id"] for it in todo],
                                on_result=on_result, **call)

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Protocol, Sequence
 
 from dromedary_jax.errors import UserError
@@ -51,8 +50,8 @@ class ModelGenerator:
     progress (the pipeline's loop then draws one bar per stage step and passes it to every call
     as ``generate(..., progress=bar)``; a call without one uses ``progress`` as generate_text
     does). ``engine``: "static" or "continuous" (see ``dj.generate_text``; anything else is a
-    UserError). The continuous engine runs on one process; with several, the generator logs one
-    line and uses the static engine (the texts are the same)."""
+    UserError). With several processes, each runs its own slots over its share of the prompts
+    (either engine)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, top_k: int = 0,
                  progress: bool = False, engine: str = "static"):
@@ -61,14 +60,6 @@ class ModelGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.top_k, self.progress = int(batch_size), int(top_k), bool(progress)
         self.engine = check_engine(engine)
-        if self.engine == "continuous":
-            import jax
-
-            if jax.process_count() > 1:
-                logging.getLogger("dromedary_jax.pipeline").warning(
-                    "config.model.engine=continuous runs on one process; this run has %d: using "
-                    "the static engine (same texts)", jax.process_count())
-                self.engine = "static"
 
     @property
     def streams(self) -> bool:

@@ -82,6 +82,11 @@ def run_stage(stage: Stage, config, workdir: str, resources: Resources | None = 
     config = complete(config)
     res = resources or Resources(config, workdir=workdir)
     folder, inputs = stage_dir(stage, config, workdir, res.hosts)
+    return _run_in(stage, config, workdir, res, folder, inputs)
+
+
+def _run_in(stage: Stage, config, workdir: str, res: Resources, folder: StageDir, inputs) -> dict:
+    """The rest of :func:`run_stage` once the folder is built and the inputs are read."""
     if folder.is_done():
         return folder.manifest()["counts"]
     folder.open()
@@ -90,18 +95,21 @@ def run_stage(stage: Stage, config, workdir: str, resources: Resources | None = 
     return dict(result.counts)
 
 
-def stage_status(config, workdir: str, name: str) -> str:
+def stage_status(config, workdir: str, name: str, folder: StageDir | None = None) -> str:
     """"done" (finished under this config: skipped), "changed" (finished under another config:
-    refused unless config.overwrite/force), "resume" (started), or "run". ``config``: completed."""
+    refused unless config.overwrite/force), "resume" (started), or "run". ``config``: completed.
+    ``folder``: the stage's :func:`stage_dir` when the caller has built it (its inputs are then
+    not read again)."""
     if not workdir or not os.path.isdir(os.path.join(workdir, name)):
         return "run"
     if stage_done(workdir, name) is None:
         return "resume"
-    try:
-        expected = stage_dir(STAGES[name], config, workdir)[0].hash
-    except (UserError, OSError):  # its inputs are missing: it cannot be skipped as done
-        return "changed"
-    return "done" if stage_done(workdir, name, expected) is not None else "changed"
+    if folder is None:
+        try:
+            folder = stage_dir(STAGES[name], config, workdir)[0]
+        except (UserError, OSError):  # its inputs are missing: it cannot be skipped as done
+            return "changed"
+    return "done" if stage_done(workdir, name, folder.hash) is not None else "changed"
 
 
 def check_order(config, workdir: str, selected: list[str]) -> None:
@@ -168,15 +176,8 @@ def _run_locked(config, workdir: str, selected: list[str], resources, report: bo
         print(f"NOTE: {config.notice}", flush=True)
     out = {}
     for name in selected:
-        status = stage_status(config, workdir, name)
-        was_done = status == "done"
-        if main_host:
-            changed = ("done under a different config: " + ("starting it over (overwrite)" if config.overwrite
-                       else "appending (force)" if config.force else "refused"))
-            state = {"done": "already done, skipped", "changed": changed}.get(status, "running")
-            print(f"== stage {name}: {state}", flush=True)
-        counts = _measured(name, was_done, workdir, main_host,
-                           lambda: run_stage(STAGES[name], config, workdir, resources))
+        counts, was_done = _measured(name, workdir, main_host, lambda: _announce_and_run(
+            STAGES[name], config, workdir, resources, main_host))
         log.info("stage %s: %s%s", name, "already done; " if was_done else "", counts)
         out[name] = counts
     if report and main_host:
@@ -191,16 +192,29 @@ def _run_locked(config, workdir: str, selected: list[str], resources, report: bo
     return out
 
 
-def _measured(name: str, was_done: bool, workdir: str, main_host: bool, run):
-    """``run()``, with its wall time and peak resident memory (the stage's own peak: the
-    high-water mark is reset first, see :mod:`dromedary_jax.memory`) written to
-    ``<workdir>/<stage>/run_stats.json`` when the stage did work."""
+def _announce_and_run(stage: Stage, config, workdir: str, resources, main_host: bool):
+    """Build the stage's folder and read its inputs ONCE, print its status line (process 0),
+    run it; returns (manifest counts, whether it was done already)."""
+    folder, inputs = stage_dir(stage, config, workdir, resources.hosts)
+    status = stage_status(config, workdir, stage.name, folder)
+    if main_host:
+        changed = ("done under a different config: " + ("starting it over (overwrite)" if config.overwrite
+                   else "appending (force)" if config.force else "refused"))
+        state = {"done": "already done, skipped", "changed": changed}.get(status, "running")
+        print(f"== stage {stage.name}: {state}", flush=True)
+    return _run_in(stage, config, workdir, resources, folder, inputs), status == "done"
+
+
+def _measured(name: str, workdir: str, main_host: bool, run):
+    """``run()`` -> (counts, was_done), with its wall time and peak resident memory (the
+    stage's own peak: the high-water mark is reset first, see :mod:`dromedary_jax.memory`)
+    written to ``<workdir>/<stage>/run_stats.json`` when the stage did work."""
     gc.collect()  # what earlier stages dropped does not count against this one
     per_stage = reset_peak_rss()
     t0 = time.perf_counter()
-    counts = run()
+    counts, was_done = run()
     if not was_done and main_host and os.path.isdir(os.path.join(workdir, name)):
         write_json_atomic(os.path.join(workdir, name, STATS_FILE),
                           {"wall_s": round(time.perf_counter() - t0, 1),
                            "peak_rss_bytes": peak_rss_bytes(), "peak_is_per_stage": per_stage})
-    return counts
+    return counts, was_done

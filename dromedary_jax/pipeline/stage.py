@@ -72,3 +72,20 @@ class Stage(Protocol):
 
     def run(self, ctx: StageContext, inputs: Any) -> StageResult:
         """Do the work into ``ctx.dir``; return the counts and outputs for the manifest."""
+
+
+class DefaultStage:
+    """Defaults for a :class:`Stage` implementation: part of every full run, requires no
+    earlier stage, no own input files to check. A stage class inherits it and overrides what
+    differs."""
+
+    def default_on(self, config) -> bool:
+        """Always part of a full run."""
+        return True
+
+    def requires(self, config) -> tuple[str, ...]:
+        """No earlier stage."""
+        return ()
+
+    def check(self, config, workdir: str) -> None:
+        """Nothing of its own to check."""

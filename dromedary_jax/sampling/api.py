@@ -33,7 +33,6 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
-from dromedary_jax import sharding as shd
 from dromedary_jax.errors import UserError
 from dromedary_jax.model.llama import LAYER_KEYS
 from dromedary_jax.sampling.buckets import bucket, round_up
@@ -52,6 +51,9 @@ from dromedary_jax.sampling.checks import (
 from dromedary_jax.sampling.decode_loop import LoopSpec, decode, prefill
 from dromedary_jax.sampling.engine import check_engine, run_engine
 from dromedary_jax.sampling.host import (
+    batch_rows_per_process,
+    batch_to_device,
+    check_model_and_prefix,
     global_max,
     local_rows,
     make_batch,
@@ -71,7 +73,7 @@ from dromedary_jax.sampling.settings import (
     normalize_eos_id,
     settings_of,
 )
-from dromedary_jax.sampling.stop_strings import find_stop, truncate_at_stop
+from dromedary_jax.sampling.stop_strings import find_stop, stop_trigger_mask, truncate_at_stop
 from dromedary_jax.sampling.text import continuation_text, encode_prompts
 
 # ----------------------------------------------------------------------------- loop inputs
@@ -132,25 +134,6 @@ def loop_inputs(model, settings: SamplingSettings, *, seed: int = 0, tokenizer=N
     }
     return spec, knobs
 # ----------------------------------------------------------------------------- batches
-def _batch_to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    out = {}
-    for k, v in batch.items():
-        axes = ("batch", "length") if v.ndim == 2 else ("batch",)
-        sh = None
-        if mesh is not None:
-            gshape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-            sh = shd.named_sharding(mesh, axes, gshape)
-        out[k] = to_device(v, sh)
-    return out
-
-
-def _batch_rows_per_process(mesh) -> int:
-    if mesh is None:
-        return 1
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return max(1, shards // jax.process_count())
-
-
 def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                 row_ids: np.ndarray, prefix: PrefixState | None = None, batch_size: int = 32,
                 is_stopped: Callable[[int, list[int]], bool] | None = None,
@@ -159,21 +142,17 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                 on_finish: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
     """The batching loop behind ``generate``: new tokens per prompt (EOS excluded). Its
     arguments are already checked (``generate`` / ``generate_text``: prompts, settings, batch
-    size, length). ``compile_only``: compile the programs the call needs, run nothing, return [].
+    size, length). ``compile_only``: compile the programs the call needs (running one prefill
+    per length bucket, for the state's placement), decode nothing, return [].
     ``on_finish(i, tokens)``: called for prompt ``i`` when its batch is done.
     ``stats``: a dict that gets ``slot_steps`` (rows x steps run, pad rows included) and
     ``tokens`` (tokens returned), as :func:`~dromedary_jax.sampling.engine.run_engine` counts."""
-    if prefix is not None and not prefix.matches(model):
-        raise UserError("shared_prefix was prefilled with different model weights or config; "
-                        "prefill it again for this model")
-    if model.mesh is None and jax.process_count() > 1:
-        raise UserError("sampling on several processes needs a model with a mesh "
-                        "(load_model(..., mesh=...))")
+    check_model_and_prefix(model, prefix)
     n = len(prompts)
     max_new = int(knobs["max_new"])
     p_len = 0 if prefix is None else prefix.length
     n_all = global_max(n)
-    B = round_up(min(batch_size, max(n_all, 1)), _batch_rows_per_process(model.mesh))
+    B = round_up(min(batch_size, max(n_all, 1)), batch_rows_per_process(model.mesh))
     G = bucket(max_new)
     longest = max((len(p) for p in prompts), default=1)
     if p_len + longest + max_new > model.config.max_seq_len:
@@ -193,7 +172,7 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
         idx = order[b * B:(b + 1) * B]
         rows = [prompts[i] for i in idx]
         T = bucket(global_max(max((len(r) for r in rows), default=1)))
-        host = _batch_to_device(make_batch(rows, row_ids[idx], length=T, batch=B, prefix_len=p_len),
+        host = batch_to_device(make_batch(rows, row_ids[idx], length=T, batch=B, prefix_len=p_len),
                                 model.mesh)
         if compile_only:
             if T not in compiled:
@@ -217,9 +196,8 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                             and is_stopped(idx[i], toks[i, :nv[i]].tolist())):
                         done[i] = hit = True
                 last_nv = nv
-                if hit:
-                    sh = state["done"].sharding if model.mesh is not None else None
-                    state = dict(state, done=to_device(done, sh))
+                if hit:  # same placement as the state: decode is not compiled again
+                    state = dict(state, done=to_device(done, state["done"].sharding))
         toks, nv = local_rows(state["tokens"]), local_rows(state["n_valid"])
         st["slot_steps"] += B * int(state["t"])
         for i, j in enumerate(idx):
@@ -235,10 +213,10 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
 
 
 def _compile(params, batch, prefix_arrays, knobs, spec: LoopSpec, gen_len: int) -> None:
-    """Ahead-of-time compile prefill and decode for these shapes (fills jit's cache)."""
-    prefill.lower(params, batch, prefix_arrays, knobs, spec=spec, gen_len=gen_len).compile()
-    state = jax.eval_shape(lambda *a: prefill(*a, spec=spec, gen_len=gen_len), params, batch,
-                           prefix_arrays, knobs)
+    """Compile prefill and decode for these shapes (fills jit's cache). The prefill runs (on
+    the pad rows of ``batch``), so decode is compiled for the state exactly as a run places it
+    (jit compiles again for an argument whose placement differs)."""
+    state = prefill(params, batch, prefix_arrays, knobs, spec=spec, gen_len=gen_len)
     decode.lower(params, state, knobs, np.int32(1), prefix_arrays, spec=spec).compile()
 
 
@@ -291,10 +269,13 @@ def _sample(model, rows, shared_prefix, settings: SamplingSettings, *, tokenizer
         return toks if text_of is None else truncate_at_stop(text_of(i, toks), settings.stop)
 
     on_finish = None if on_result is None else (lambda i, toks: on_result(i, result_of(i, toks)))
+    kw = {}
+    if engine == "continuous" and is_stopped is not None and not compile_only:
+        kw["stop_trigger"] = stop_trigger_mask(tokenizer, settings.stop, c.vocab_size)
     run = run_engine if engine == "continuous" else run_batches
     out = run(model, rows, spec=spec, knobs=knobs, row_ids=row_ids, prefix=prefix,
               batch_size=batch_size, is_stopped=is_stopped, stop_check_every=stop_check_every,
-              progress=progress, compile_only=compile_only, on_finish=on_finish)
+              progress=progress, compile_only=compile_only, on_finish=on_finish, **kw)
     return [result_of(i, toks) for i, toks in enumerate(out)]
 
 
@@ -357,11 +338,13 @@ def generate(model, prompt_ids, *, max_new_tokens: int = _U["max_new_tokens"],
     when there is more than one batch; True / False: always / never; a
     :class:`dromedary_jax.progress.TokenProgress`: update that bar instead, e.g. one bar over
     many calls; ``DROMEDARY_PROGRESS=0`` turns bars off). compile_only: compile the
-    programs this call needs (e.g. before timing it), run nothing and return [].
+    programs this call needs (e.g. before timing it), generate nothing and return [] (the
+    static engine runs one prefill per length bucket to compile decode for its exact state).
     engine: "static" (batches of ``batch_size`` rows sorted by length, each decoded until its
     last row is done) or "continuous" (``batch_size`` decode slots; a finished row's slot is
-    refilled with the next prompt, see :mod:`dromedary_jax.sampling.engine`; one process only).
-    Both give the same tokens for the same (seed, example id).
+    refilled with the next prompt, see :mod:`dromedary_jax.sampling.engine`). Both give the
+    same tokens for the same (seed, example id); with several processes, each passes its own
+    prompts (and ids) and both run its own rows.
     on_result: ``on_result(i, new_tokens)`` is called once per prompt as soon as its result is
     final (continuous: when its row finishes; static: when its batch does), so a caller can
     write results as they come (the pipeline streams them into its records).

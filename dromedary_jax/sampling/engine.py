@@ -12,7 +12,11 @@ slots (the batch size) and refills a finished row's slot with the next waiting p
 * per-row step counters ``t [B]``: each step samples row ``b`` at its own ``t[b]`` and scatters
   its new k/v at its own cache slot; done rows do not advance.
 * :func:`decode_chunk` runs a ``lax.while_loop`` for at most ``steps`` steps, and exits early when
-  ``min_free`` rows are done (a quarter of the slots while prompts wait) or all are.
+  some process has ``min_free`` of its rows done (a quarter of its slots while it has prompts
+  waiting) or all rows are.
+* the tail: once no prompt waits, the live rows are gathered into half as many slots
+  (:func:`compact`) whenever they fit, down to a quarter of the slots, so the last long rows do
+  not pay for a full batch of empty slots.
 * on the host, finished rows are taken out (``on_finish`` streams them) and the free slots are
   refilled: the waiting prompts are prefilled in ONE batched call (rows bucketed to a quarter of
   the slots times a power of two, lengths bucketed as in ``buckets``) into a small cache that the
@@ -21,11 +25,22 @@ slots (the batch size) and refills a finished row's slot with the next waiting p
 Randomness: the sample of example ``id`` at step ``t`` uses ``fold_in(fold_in(key(seed), id), t)``
 (``logits_processing.row_keys``) exactly as the static path does, so an example's text depends
 on (seed, example id) only: not on the slot count, the order of arrival or the refill timing.
-Stop strings are checked on the host after every chunk of ``stop_check_every`` steps (a row's
-tokens after its stop string are cut off by the caller, as in the static path).
+Stop strings are checked on the host after every chunk of ``stop_check_every`` steps, and a
+chunk also ends right after a running row samples a *trigger* token (one that can complete a
+stop string, ``stop_strings.stop_trigger_mask``), so a stopped row's slot is refilled at once
+instead of idling to the chunk's end (a row's tokens after its stop string are cut off by the
+caller, as in the static path). The fused per-layer weights of the CPU decode path are made
+once per call (:func:`layer_weights`), so a short chunk costs only its steps.
 
-Programs: one ``decode_chunk`` per (slots, Tb, G, spec) and one ``refill`` per (rows bucket,
-length bucket). One process only (several processes: a UserError; use the static engine).
+Several processes (multi-host): each process runs its OWN slots over its OWN prompts (its
+rows of the global state, as the static path feeds its rows of a batch) and gets only its own
+results. The device programs are collectives, so every process calls the same sequence: before
+each refill the processes exchange a few integers (rows and length buckets needed, live rows,
+prompts waiting) and all call ``refill`` with the largest buckets (a process with nothing to
+refill passes pad rows) and ``decode_chunk``, until no process has work left.
+
+Programs: one ``decode_chunk`` per (slots, Tb, G, spec) for the slots and each tail size, one
+``refill`` per (rows bucket, length bucket), one ``compact`` per tail size.
 """
 from __future__ import annotations
 
@@ -54,22 +69,35 @@ from dromedary_jax.model.llama import (
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 from dromedary_jax.sampling.buckets import bucket, round_up
 from dromedary_jax.sampling.decode_loop import LoopSpec
-from dromedary_jax.sampling.host import local_rows, make_batch, progress_bar, to_device
+from dromedary_jax.sampling.host import (
+    all_values,
+    batch_rows_per_process,
+    batch_to_device,
+    check_model_and_prefix,
+    global_maxes,
+    local_row_indices,
+    local_rows,
+    make_batch,
+    progress_bar,
+    to_device,
+)
 from dromedary_jax.sampling.logits_processing import apply_penalties, row_keys, sample
-from dromedary_jax.sampling.step_forward import _matmul, final_logits, unstack_layers
+from dromedary_jax.sampling.step_forward import (
+    VOCAB_MAJOR_MIN_BATCH,
+    _matmul,
+    final_logits,
+    unstack_layers,
+)
 
 ENGINES = ("static", "continuous")
 REFILL_FRACTION = 4  # a chunk exits once 1/REFILL_FRACTION of the slots are free (prompts waiting)
+TAIL_FRACTION = 4  # in the tail the slots are halved down to 1/TAIL_FRACTION of the first count
 
 
 def check_engine(engine) -> str:
-    """``engine`` argument -> "static" or "continuous"; anything else is a UserError. Several
-    processes with "continuous" are a UserError too (the engine runs on one process)."""
+    """``engine`` argument -> "static" or "continuous"; anything else is a UserError."""
     if not isinstance(engine, str) or engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
-    if engine == "continuous" and jax.process_count() > 1:
-        raise UserError("engine='continuous' runs on one process only; use engine='static' "
-                        "with several processes")
     return engine
 
 
@@ -115,7 +143,8 @@ def _sample_rows(state, logits, knobs, spec: LoopSpec):
 
 
 def _layer_weights(params, c, prefix, batch: int, unstack: bool):
-    """Per-layer weights for the decode loop, made once per chunk (see ``step_forward``): the
+    """Per-layer weights for the decode loop (see ``step_forward``; made once per call by
+    :func:`layer_weights`): the
     fused CPU copies (``unstack``), else only the shared prefix's k/v as [KV, P, hd] (the
     stacked weights are sliced per layer inside the step)."""
     if unstack:
@@ -277,35 +306,86 @@ def refill(params, state, batch, prefix, knobs, *, spec: LoopSpec):
     return _constrain(out, spec.mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
-def decode_chunk(params, state, knobs, steps, min_free, prefix=None, *, spec: LoopSpec):
-    """Decode every slot for at most ``steps`` steps; stop early once ``min_free`` rows are done.
+@functools.partial(jax.jit, static_argnames=("spec", "batch"))
+def layer_weights(params, prefix=None, *, spec: LoopSpec, batch: int):
+    """The per-layer weights :func:`decode_chunk` reads (``_layer_weights``), made ONCE per
+    engine call (and slot count class) instead of inside every chunk: on the CPU path a fused
+    copy of the layer weights (see ``step_forward.unstack_layers``), which costs about as much
+    as a few decode steps to make."""
+    return _layer_weights(params, spec.config, prefix, batch, spec.unstack_layers)
 
-    ``steps`` and ``min_free`` are dynamic int32 scalars (one compiled program for any chunk).
-    Done rows are computed but neither written nor advanced. Returns ``(state, steps_run)``.
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def decode_chunk(params, weights, state, knobs, steps, min_free, every_group, group, prefix=None,
+                 *, spec: LoopSpec):
+    """Decode every slot for at most ``steps`` steps (``weights``: :func:`layer_weights`); stop
+    early once every row is done or, for
+    some process ``p`` (``every_group``: for every process), ``min_free[p]`` of its rows are (a
+    process with no prompt waiting passes more than its slot count).
+
+    ``steps``: a dynamic int32 scalar (one compiled program for any chunk); ``min_free``: int32
+    [processes], the same on every process; ``every_group``: a bool scalar (the tail: stop once
+    every process can gather its rows into fewer slots); ``group``: int32 [B], the process
+    owning each row (sharded as the rows). The chunk also ends after a step where a running
+    row sampled a token of ``knobs["stop_trigger"]`` (bool [V]: a stop string may have
+    completed; see ``stop_strings.stop_trigger_mask``), so the host checks it at once. Done rows
+    are computed but neither written nor advanced. Returns ``(state, steps_run)``.
     """
     c = spec.config
     B, G = state["tokens"].shape
     base = state["cache"]["pos"].shape[1] - G
     rows = jnp.arange(B)
     prefix_pos = _prefix_pos(prefix)
-    weights = _layer_weights(params, c, prefix, B, spec.unstack_layers)
 
     def cond(carry):
-        i, s = carry
-        return (i < steps) & (jnp.sum(s["done"].astype(jnp.int32)) < min_free)
+        i, s, triggered = carry
+        done_per_group = jnp.zeros(min_free.shape, jnp.int32).at[group].add(
+            s["done"].astype(jnp.int32))
+        reached = done_per_group >= min_free
+        enough = jnp.where(every_group, jnp.all(reached), jnp.any(reached))
+        return (i < steps) & ~jnp.all(s["done"]) & ~enough & ~triggered
 
     def body(carry):
-        i, s = carry
+        i, s, _ = carry
         t = s["t"]
         tok = s["tokens"][rows, jnp.maximum(t - 1, 0)][:, None]
         pos = (s["first_pos"] + t - 1)[:, None]
         logits, cache = _forward_rows(params, weights, c, tok, pos, s["cache"], base + t - 1,
                                       prefix_pos, spec.mesh)
-        return i + 1, _sample_rows(dict(s, cache=cache), logits[:, 0], knobs, spec)
+        s2 = _sample_rows(dict(s, cache=cache), logits[:, 0], knobs, spec)
+        new = s2["tokens"][rows, jnp.minimum(t, G - 1)]  # this step's token of each row
+        triggered = jnp.any(knobs["stop_trigger"][new] & ~s["done"])
+        return i + 1, s2, triggered
 
-    n, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+    n, state, _ = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), state, jnp.zeros((), bool)))
     return _constrain(state, spec.mesh), n
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def compact(state, keep, pad, *, spec: LoopSpec):
+    """The state of ``len(keep)`` slots holding rows ``keep`` (int32 [B'], global row indices) of
+    ``state``; rows where ``pad`` (bool [B']) is true are marked done (free). Every array is
+    gathered along its row axis; the cache keeps its length."""
+    def rows(a):
+        return jnp.take(a, keep, axis=0)
+
+    cache = state["cache"]
+    out = {"cache": {"layers": [(rows(k), rows(v)) for k, v in cache["layers"]],
+                     "pos": rows(cache["pos"]), "seg": rows(cache["seg"])}}
+    for k in ("tokens", "t", "done", "n_valid", "first_pos", "ids"):
+        out[k] = rows(state[k])
+    out["done"] = out["done"] | pad
+    return _constrain(out, spec.mesh)
+
+
+def tail_slots(live: int, slots: int, multiple: int, smallest: int) -> int:
+    """Slots for ``live`` rows in the tail: ``slots`` halved while the half still holds them, is
+    a multiple of ``multiple`` and is at least ``smallest``."""
+    while (slots % 2 == 0 and slots // 2 >= max(live, smallest, 1)
+           and (slots // 2) % multiple == 0):
+        slots //= 2
+    return slots
 
 
 # ----------------------------------------------------------------------------- host loop
@@ -318,63 +398,62 @@ def rows_bucket(k: int, slots: int, multiple: int = 1) -> int:
     return min(b, slots)
 
 
-def _to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    out = {}
-    for k, v in batch.items():
-        axes = ("batch", "length") if v.ndim == 2 else ("batch",)
-        sh = None if mesh is None else shd.named_sharding(mesh, axes, v.shape)
-        out[k] = to_device(v, sh)
-    return out
-
-
-def _rows_per_device_batch(mesh) -> int:
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                row_ids: np.ndarray, prefix=None, batch_size: int = 32,
                is_stopped: Callable[[int, list[int]], bool] | None = None,
                stop_check_every: int = 16, progress=None, compile_only: bool = False,
                on_finish: Callable[[int, list[int]], None] | None = None,
-               stats: dict | None = None) -> list[list[int]]:
+               stats: dict | None = None,
+               stop_trigger: np.ndarray | None = None) -> list[list[int]]:
     """The continuous-batching loop behind ``generate(..., engine="continuous")``: new tokens per
     prompt (EOS excluded), in input order; its arguments are already checked.
 
-    ``batch_size``: decode slots (rounded up to the mesh's batch shards). ``on_finish(i,
-    tokens)``: called as soon as prompt ``i`` is finished (before the call returns), e.g. to
-    write records as they come. ``stats``: a dict that gets ``slot_steps`` (slots x steps run,
-    prefills counted as one step of their rows), ``tokens`` (tokens returned), ``chunks``,
-    ``refills``, ``programs`` (compiled (kind, shape) keys). ``compile_only``: compile the decode
-    program and the refill programs for every (rows bucket, length bucket) the prompts may
-    need, run nothing, return [].
+    ``batch_size``: decode slots of this process (rounded up to its batch shards). With several
+    processes each passes its own prompts (possibly none) and gets its own results; every
+    process must make the call. ``on_finish(i, tokens)``: called as soon as prompt ``i`` is
+    finished (before the call returns), e.g. to write records as they come. ``stats``: a dict
+    that gets ``slot_steps`` (slots x steps run, prefills counted as one step of their rows;
+    this process's slots), ``tokens`` (tokens returned), ``chunks``, ``refills``,
+    ``compactions`` (tail gathers into fewer slots), ``programs`` (the (kind, shape) keys of the
+    programs used). ``compile_only``: compile the decode and compact programs of every slot
+    count the tail may use and the refill programs of every (rows bucket, length bucket) the
+    prompts may need, run nothing, return []. ``stop_trigger``: bool [vocab] (with
+    ``is_stopped``), the tokens after which a chunk ends for a stop-string check
+    (``stop_strings.stop_trigger_mask``); None: chunks end every ``stop_check_every`` steps.
     """
-    if prefix is not None and not prefix.matches(model):
-        raise UserError("shared_prefix was prefilled with different model weights or config; "
-                        "prefill it again for this model")
-    if jax.process_count() > 1:
-        raise UserError("engine='continuous' runs on one process only; use engine='static' "
-                        "with several processes")
+    check_model_and_prefix(model, prefix)
     n = len(prompts)
-    if n == 0:
-        return []
     max_new = int(knobs["max_new"])
     p_len = 0 if prefix is None else prefix.length
-    mult = _rows_per_device_batch(model.mesh)
-    B = round_up(min(batch_size, n), mult)
-    G = bucket(max_new)
-    longest = max(len(p) for p in prompts)
-    Tb = bucket(longest)
+    n_all, longest = global_maxes([n, max((len(p) for p in prompts), default=1)])
+    st = stats if stats is not None else {}
+    st.update(slot_steps=0, tokens=0, chunks=0, refills=0, compactions=0, programs=set())
+    if n_all == 0:
+        return []
+    procs, me = jax.process_count(), jax.process_index()
+    mult = batch_rows_per_process(model.mesh)
+    B = round_up(min(batch_size, n_all), mult)  # this process's slots
+    G, Tb = bucket(max_new), bucket(longest)
     if p_len + longest + max_new > model.config.max_seq_len:
         warnings.warn(f"prompt ({p_len + longest} tokens) + max_new_tokens ({max_new}) exceeds the "
                       f"model's max_seq_len {model.config.max_seq_len}", stacklevel=3)
     params = model.params
     prefix_arrays = None if prefix is None else prefix.arrays()
-    st = stats if stats is not None else {}
-    st.update(slot_steps=0, tokens=0, chunks=0, refills=0, programs=set())
-    state = empty_state(spec=spec, slots=B, prompt_len=Tb, gen_len=G)
+    vocab = model.config.vocab_size
+    trigger = np.zeros(vocab, bool) if stop_trigger is None else np.asarray(stop_trigger, bool)
+    if trigger.shape != (vocab,):
+        raise ValueError(f"stop_trigger must be a bool array of shape ({vocab},), got "
+                         f"{trigger.shape}")
+    knobs = dict(knobs, stop_trigger=trigger)
+    state = _placed(empty_state(spec=spec, slots=B * procs, prompt_len=Tb, gen_len=G), params,
+                    model.mesh)
+    smallest = round_up(max(1, B // TAIL_FRACTION), mult)
     if compile_only:
-        _compile_all(params, state, prompts, prefix_arrays, knobs, spec, B, mult, p_len, st)
+        _compile_all(params, state, prompts, prefix_arrays, knobs, spec, B, mult, p_len, st,
+                     n_all=n_all, longest=longest, smallest=smallest)
         return []
+    done_sh, rows_global, group = _slot_layout(state, B, model.mesh)
+    weights = layer_weights(params, prefix_arrays, spec=spec, batch=_weights_batch(B))
     order = collections.deque(sorted(range(n), key=lambda i: -len(prompts[i])))
     slot_ex = np.full(B, -1, np.int64)
     last_nv = np.zeros(B, np.int32)
@@ -382,74 +461,160 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     chunk = stop_check_every if is_stopped is not None else G
     quarter = max(1, B // REFILL_FRACTION)
     bar, own_bar = progress_bar(progress, n, math.ceil(n / B))
-    done_sh = None if model.mesh is None else shd.named_sharding(model.mesh, ("batch",), (B,))
     try:
         while True:
             free = np.flatnonzero(slot_ex < 0)
-            if len(free) and order:
-                take = [order.popleft() for _ in range(min(len(free), len(order)))]
-                Bp = rows_bucket(len(take), B, mult)
-                Tp = bucket(max(len(prompts[i]) for i in take))
+            take = [order.popleft() for _ in range(min(len(free), len(order)))]
+            need = [rows_bucket(len(take), B, mult) if take else 0,
+                    bucket(max(len(prompts[i]) for i in take)) if take else 0]
+            live = int((slot_ex >= 0).sum()) + len(take)
+            min_free = min(quarter, len(order)) if order else B + 1  # B + 1: never
+            every = all_values(need + [live, min_free, len(order)])  # [processes, 5], everywhere
+            Bp, Tp = int(every[:, 0].max()), int(every[:, 1].max())
+            if Bp:
                 host = make_batch([prompts[i] for i in take], row_ids[take], length=Tp, batch=Bp,
                                   prefix_len=p_len)
-                host["slots"] = np.full(Bp, B, np.int32)
-                host["slots"][:len(take)] = free[:len(take)]
-                state = refill(params, state, _to_device(host, model.mesh), prefix_arrays, knobs,
-                               spec=spec)
+                host["slots"] = np.full(Bp, B * procs, np.int32)  # pad rows: dropped
+                host["slots"][:len(take)] = rows_global[free[:len(take)]]
+                state = refill(params, state, batch_to_device(host, model.mesh), prefix_arrays,
+                               knobs, spec=spec)
                 slot_ex[free[:len(take)]] = take
                 last_nv[free[:len(take)]] = 0
                 st["refills"] += 1
                 st["slot_steps"] += Bp
                 st["programs"].add(("refill", Bp, Tp))
-            if not (slot_ex >= 0).any():
+            if not every[:, 2].any():
                 break
-            min_free = min(quarter, len(order)) if order else B
-            state, steps = decode_chunk(params, state, knobs, np.int32(chunk), np.int32(min_free),
-                                        prefix_arrays, spec=spec)
-            st["programs"].add(("decode", B, Tb, G))
+            thresholds, tail = every[:, 3].astype(np.int32), False
+            if not every[:, 4].any():  # the tail: no prompt waits on any process
+                small = tail_slots(int(every[:, 2].max()), B, mult, smallest)
+                if small < B:
+                    state, slot_ex, last_nv = _compact(state, slot_ex, last_nv, rows_global, small,
+                                                       model.mesh, spec)
+                    if _weights_batch(small) != _weights_batch(B):
+                        weights = layer_weights(params, prefix_arrays, spec=spec,
+                                                batch=_weights_batch(small))
+                    B = small
+                    done_sh, rows_global, group = _slot_layout(state, B, model.mesh)
+                    st["compactions"] += 1
+                    st["programs"].add(("compact", B * procs))
+                half = tail_slots(B // 2, B, mult, smallest)  # exit the chunk when it fits
+                thresholds, tail = np.full(procs, B - half if half < B else B + 1, np.int32), True
+            state, steps = decode_chunk(params, weights, state, knobs, np.int32(chunk), thresholds,
+                                        np.bool_(tail), group, prefix_arrays, spec=spec)
+            st["programs"].add(("decode", B * procs, Tb, G))
             st["chunks"] += 1
             st["slot_steps"] += B * int(steps)
-            done = local_rows(state["done"]).copy()
-            nv = local_rows(state["n_valid"])
-            live = slot_ex >= 0
-            if is_stopped is not None or (done & live).any():
-                toks = local_rows(state["tokens"])
-            if is_stopped is not None:
-                hit = False
-                for b in np.flatnonzero(live & ~done):
-                    if nv[b] != last_nv[b] and is_stopped(int(slot_ex[b]), toks[b, :nv[b]].tolist()):
-                        done[b] = hit = True
-                last_nv = nv.copy()
-                if hit:
-                    state = dict(state, done=to_device(done, done_sh))
-            finished = np.flatnonzero(done & live)
-            for b in finished:
-                i = int(slot_ex[b])
-                results[i] = toks[b, :nv[b]].tolist()
-                st["tokens"] += len(results[i])
-                slot_ex[b] = -1
-                if on_finish is not None:
-                    on_finish(i, results[i])
-            if bar is not None and len(finished):
-                bar.update(len(finished), int(sum(nv[b] for b in finished)))
+            state = _take_finished(state, slot_ex, last_nv, results, is_stopped, on_finish, bar,
+                                   st, done_sh)
     finally:
         if bar is not None and own_bar:
             bar.close()
     return results
 
 
-def _compile_all(params, state, prompts, prefix_arrays, knobs, spec, B, mult, p_len, st):
-    """Ahead-of-time compile decode_chunk and every refill program the prompts may need."""
-    decode_chunk.lower(params, state, knobs, np.int32(1), np.int32(1), prefix_arrays,
-                       spec=spec).compile()
-    st["programs"].add(("decode",) + tuple(state["tokens"].shape))
-    n = len(prompts)
-    row_buckets = sorted({rows_bucket(k, B, mult) for k in range(1, min(n, B) + 1)})
-    for Tp in sorted({bucket(len(p)) for p in prompts}):
+def _weights_batch(slots: int) -> int:
+    """The ``batch`` of :func:`layer_weights` for ``slots`` rows: only whether it reaches
+    ``VOCAB_MAJOR_MIN_BATCH`` changes the weights (two programs at most)."""
+    return min(slots, VOCAB_MAJOR_MIN_BATCH)
+
+
+def _rows_sharding(mesh, slots: int):
+    """The sharding of a per-row array of ``slots`` slots per process (None without a mesh)."""
+    if mesh is None:
+        return None
+    return shd.named_sharding(mesh, ("batch",), (slots * jax.process_count(),))
+
+
+def _placed(state, params, mesh):
+    """The empty state committed to the parameters' device when there is no mesh: every later
+    state is a program's output (committed), and jit compiles again for an argument whose
+    placement changes, so the ahead-of-time programs and the run must see the same."""
+    if mesh is not None:
+        return state
+    return jax.device_put(state, next(iter(jax.tree.leaves(params)[0].devices())))
+
+
+def _slot_layout(state, B: int, mesh):
+    """(the rows' sharding, the global row of each of this process's ``B`` slots in
+    ``local_rows`` order, the per-row owner array ``group`` for ``decode_chunk``). Arrays the
+    host uploads between programs (``done`` after a stop string, ``group``) keep the state's
+    placement, so no program is compiled again for them."""
+    done_sh = state["done"].sharding
+    rows_global = local_row_indices(done_sh, B * jax.process_count())
+    return done_sh, rows_global, to_device(np.full(B, jax.process_index(), np.int32), done_sh)
+
+
+def _compact(state, slot_ex, last_nv, rows_global, small: int, mesh, spec):
+    """Gather this process's live slots into ``small`` slots (every process calls it with the
+    same ``small``); returns (state, slot_ex, last_nv) for the new slots."""
+    live = np.flatnonzero(slot_ex >= 0)
+    pad = small - len(live)
+    keep = np.concatenate([rows_global[live], np.full(pad, rows_global[0])]).astype(np.int32)
+    is_pad = np.arange(small) >= len(live)
+    sh = _rows_sharding(mesh, small)
+    state = compact(state, to_device(keep, sh), to_device(is_pad, sh), spec=spec)
+    return (state, np.concatenate([slot_ex[live], np.full(pad, -1, slot_ex.dtype)]),
+            np.concatenate([last_nv[live], np.zeros(pad, last_nv.dtype)]))
+
+
+def _take_finished(state, slot_ex, last_nv, results, is_stopped, on_finish, bar, st, done_sh):
+    """After a chunk: mark this process's rows that hit a stop string as done (uploading
+    ``done`` again), take out its finished rows (``results``, ``on_finish``, freeing the slot in
+    ``slot_ex``), update ``last_nv`` and the bar in place. Returns the state."""
+    done = local_rows(state["done"]).copy()
+    nv = local_rows(state["n_valid"])
+    live = slot_ex >= 0
+    if is_stopped is not None or (done & live).any():
+        toks = local_rows(state["tokens"])
+    if is_stopped is not None:
+        hit = False
+        for b in np.flatnonzero(live & ~done):
+            if nv[b] != last_nv[b] and is_stopped(int(slot_ex[b]), toks[b, :nv[b]].tolist()):
+                done[b] = hit = True
+        last_nv[:] = nv
+        if hit or jax.process_count() > 1:  # several processes: each uploads its rows
+            state = dict(state, done=to_device(done, done_sh))
+    finished = np.flatnonzero(done & live)
+    for b in finished:
+        i = int(slot_ex[b])
+        results[i] = toks[b, :nv[b]].tolist()
+        st["tokens"] += len(results[i])
+        slot_ex[b] = -1
+        if on_finish is not None:
+            on_finish(i, results[i])
+    if bar is not None and len(finished):
+        bar.update(len(finished), int(sum(nv[b] for b in finished)))
+    return state
+
+
+def _compile_all(params, state, prompts, prefix_arrays, knobs, spec, B, mult, p_len, st, *,
+                 n_all: int, longest: int, smallest: int):
+    """Ahead-of-time compile the decode and compact programs of every slot count the run may
+    use and every refill program the prompts may need (``n_all`` / ``longest``: the most
+    prompts / the longest prompt of any process)."""
+    procs = jax.process_count()
+    sizes = [B]
+    while tail_slots(1, sizes[-1], mult, smallest) < sizes[-1]:
+        sizes.append(tail_slots(sizes[-1] // 2, sizes[-1], mult, smallest))
+    cur = state
+    for b in sizes:
+        sh = _rows_sharding(spec.mesh, b)
+        if b != B:  # the tail: run the (cheap) gather on the empty state for the next shapes
+            cur = compact(cur, to_device(np.zeros(b, np.int32), sh), to_device(np.ones(b, bool), sh),
+                          spec=spec)
+            st["programs"].add(("compact", b * procs))
+        weights = layer_weights(params, prefix_arrays, spec=spec, batch=_weights_batch(b))
+        decode_chunk.lower(params, weights, cur, knobs, np.int32(1), np.ones(procs, np.int32),
+                           np.bool_(False), _slot_layout(cur, b, spec.mesh)[2], prefix_arrays,
+                           spec=spec).compile()
+        G = cur["tokens"].shape[1]
+        st["programs"].add(("decode", b * procs, cur["cache"]["pos"].shape[1] - G, G))
+    row_buckets = sorted({rows_bucket(k, B, mult) for k in range(1, min(n_all, B) + 1)})
+    for Tp in sorted({bucket(len(p)) for p in prompts} | {bucket(longest)}):
         for Bp in row_buckets:
             host = make_batch([], np.zeros(0, np.uint32), length=Tp, batch=Bp, prefix_len=p_len)
-            host["slots"] = np.full(Bp, B, np.int32)
-            mesh = spec.mesh
-            refill.lower(params, state, _to_device(host, mesh), prefix_arrays, knobs,
+            host["slots"] = np.full(Bp, B * procs, np.int32)
+            refill.lower(params, state, batch_to_device(host, spec.mesh), prefix_arrays, knobs,
                          spec=spec).compile()
             st["programs"].add(("refill", Bp, Tp))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dromedary_jax import sharding as shd
+from dromedary_jax.errors import UserError
 from dromedary_jax.progress import TokenProgress
 
 
@@ -42,11 +44,78 @@ def local_rows(arr: jax.Array) -> np.ndarray:
 
 def global_max(x: int) -> int:
     """Max of a host integer over all processes (so every process picks the same shapes)."""
+    return global_maxes([x])[0]
+
+
+def global_maxes(xs) -> list[int]:
+    """Element-wise max of a list of host integers over all processes, in ONE collective
+    (each process passes a list of the same length)."""
+    xs = [int(x) for x in xs]
     if jax.process_count() == 1:
-        return int(x)
+        return xs
     from jax.experimental import multihost_utils
 
-    return int(np.max(multihost_utils.process_allgather(np.asarray(x, np.int64))))
+    got = multihost_utils.process_allgather(np.asarray(xs, np.int64))  # [processes, len]
+    return [int(v) for v in np.max(got.reshape(jax.process_count(), len(xs)), axis=0)]
+
+
+def all_values(xs) -> np.ndarray:
+    """Each process's list of host integers, gathered: int64 [processes, len] (identical on
+    every process; a single process: [1, len])."""
+    xs = np.asarray([int(x) for x in xs], np.int64)
+    if jax.process_count() == 1:
+        return xs[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(xs)).reshape(jax.process_count(), len(xs))
+
+
+def batch_rows_per_process(mesh) -> int:
+    """The multiple a process's rows of a batch must be: the batch shards (data x fsdp) over
+    the processes (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return max(1, mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count())
+
+
+def batch_to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """``make_batch`` arrays of this process's rows -> global arrays sharded over the batch
+    (axis 0: "batch", axis 1: "length"); with several processes the global batch holds every
+    process's rows (``rows x process_count``)."""
+    out = {}
+    for k, v in batch.items():
+        axes = ("batch", "length") if v.ndim == 2 else ("batch",)
+        sh = None
+        if mesh is not None:
+            gshape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+            sh = shd.named_sharding(mesh, axes, gshape)
+        out[k] = to_device(v, sh)
+    return out
+
+
+def local_row_indices(sharding, rows: int) -> np.ndarray:
+    """The global row indices (axis 0 of an array of ``rows`` rows with this ``sharding``) of
+    this process's rows, in the order :func:`local_rows` returns them (``arange(rows)`` on one
+    process or without a sharding)."""
+    if sharding is None or jax.process_count() == 1:
+        return np.arange(rows)
+    starts = {}
+    for idx in sharding.addressable_devices_indices_map((rows,)).values():
+        sl = idx[0] if idx else slice(None)
+        start, stop, _ = sl.indices(rows)
+        starts[start] = stop
+    return np.concatenate([np.arange(a, starts[a]) for a in sorted(starts)])
+
+
+def check_model_and_prefix(model, prefix) -> None:
+    """UserError unless ``prefix`` (a PrefixState or None) was prefilled with this model and,
+    with several processes, the model has a mesh."""
+    if prefix is not None and not prefix.matches(model):
+        raise UserError("shared_prefix was prefilled with different model weights or config; "
+                        "prefill it again for this model")
+    if model.mesh is None and jax.process_count() > 1:
+        raise UserError("sampling on several processes needs a model with a mesh "
+                        "(load_model(..., mesh=...))")
 
 
 def make_batch(rows: Sequence[Sequence[int]], row_ids: np.ndarray, *, length: int, batch: int,

@@ -6,10 +6,18 @@ row's generated tokens IN FULL and looks for any stop string in the text. Decodi
 text contains a stop string is marked done (so the loop exits early once every row is done);
 the returned text is everything before the earliest stop string. Tokens generated after the
 stop inside the same chunk are discarded.
+
+The continuous engine also ends a chunk on device as soon as a row samples a *trigger* token
+(:func:`stop_trigger_mask`: one whose text holds the last character of a stop string, or a
+partial UTF-8 character), so the host checks right when a stop string can have completed
+instead of up to ``stop_check_every`` steps later. Triggers only make the check earlier: the
+texts are the same with or without them.
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+import numpy as np
 
 from dromedary_jax.errors import UserError
 
@@ -43,3 +51,20 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` before the earliest stop string (all of it when none occurs)."""
     i = find_stop(text, stop)
     return text if i < 0 else text[:i]
+
+
+def stop_trigger_mask(tokenizer, stop: Sequence[str], vocab_size: int) -> np.ndarray:
+    """bool [vocab_size]: the tokens after which a stop string may have just completed, i.e.
+    whose decoded text holds the last character of some stop string, or U+FFFD (a byte of a
+    character split over tokens). A stop string's last character arrives with the token that
+    completes it, so every completion is flagged (plus some tokens that only look like one).
+    Ids beyond the tokenizer's vocabulary are False. ``stop``: normalized stop strings."""
+    ends = {s_[-1] for s_ in stop} | {"\ufffd"}
+    mask = np.zeros(vocab_size, bool)
+    for i in range(vocab_size):
+        try:
+            text = tokenizer.decode([i])
+        except Exception:  # an id the tokenizer does not have (model vocab padded beyond it)
+            continue
+        mask[i] = any(ch in text for ch in ends)
+    return mask

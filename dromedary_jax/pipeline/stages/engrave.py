@@ -17,7 +17,7 @@ from dromedary_jax.pipeline.finetune import (finetune_and_save, kept_answers, me
                                              question_text, section_fingerprint, train_config,
                                              write_sft_files)
 from dromedary_jax.pipeline.records import text_digest
-from dromedary_jax.pipeline.stage import StageContext, StageResult
+from dromedary_jax.pipeline.stage import DefaultStage, StageContext, StageResult
 
 STAGE = "engrave"
 
@@ -37,14 +37,10 @@ def template_of(config) -> str:
     return meta_template(config.engrave.template, "engrave.template", D.load_assistant(config.data))
 
 
-class Engrave:
+class Engrave(DefaultStage):
     """Stage 3 (see the module docstring) as a :class:`~dromedary_jax.pipeline.stage.Stage`."""
 
     name = STAGE
-
-    def default_on(self, config) -> bool:
-        """Always part of a full run."""
-        return True
 
     def requires(self, config) -> tuple[str, ...]:
         """It trains on stage 2's kept answers."""

@@ -48,7 +48,7 @@ from dromedary_jax.pipeline.principles import (RenderedPrompt, build_prompt, cit
 from dromedary_jax.pipeline.records import (model_fingerprint, stage_done, strip_non_semantic, text_digest,
                                             write_jsonl_atomic)
 from dromedary_jax.pipeline.reports.funnel import funnel_steps, write_funnel
-from dromedary_jax.pipeline.stage import StageContext, StageResult
+from dromedary_jax.pipeline.stage import DefaultStage, StageContext, StageResult
 from dromedary_jax.sampling.settings import SamplingSettings
 
 STAGE = "self_align"
@@ -213,14 +213,10 @@ def stage_questions(config, workdir: str) -> list[dict]:
     return questions
 
 
-class SelfAlign:
+class SelfAlign(DefaultStage):
     """Stage 2 (see the module docstring) as a :class:`~dromedary_jax.pipeline.stage.Stage`."""
 
     name = STAGE
-
-    def default_on(self, config) -> bool:
-        """Always part of a full run."""
-        return True
 
     def requires(self, config) -> tuple[str, ...]:
         """Stage 1's questions, unless ``self_align.questions_file`` names a question file."""

@@ -42,7 +42,7 @@ from dromedary_jax.pipeline.filters import InstructionFilter, RougeLDeduper
 from dromedary_jax.pipeline.generation import generate_into, log
 from dromedary_jax.pipeline.records import model_fingerprint, strip_non_semantic, text_digest, write_jsonl_atomic
 from dromedary_jax.pipeline.reports.funnel import funnel_steps, write_funnel
-from dromedary_jax.pipeline.stage import StageContext, StageResult
+from dromedary_jax.pipeline.stage import DefaultStage, StageContext, StageResult
 from dromedary_jax.sampling.settings import SamplingSettings
 
 STAGE = "self_instruct"
@@ -405,18 +405,10 @@ def run_vanilla(stage, gen, cfg, seed) -> tuple[list[dict], list]:
 INPUT_FILES = ("red_team_seeds", "seed_tasks", "topic_template", "question_template", "vanilla_template")
 
 
-class SelfInstruct:
+class SelfInstruct(DefaultStage):
     """Stage 1 (see the module docstring) as a :class:`~dromedary_jax.pipeline.stage.Stage`."""
 
-    name = STAGE
-
-    def default_on(self, config) -> bool:
-        """Always part of a full run."""
-        return True
-
-    def requires(self, config) -> tuple[str, ...]:
-        """The first stage: it reads only the project's data files."""
-        return ()
+    name = STAGE  # the first stage: requires nothing (DefaultStage), reads only data files
 
     def check(self, config, workdir: str) -> None:
         """Seeds, seed tasks and the three templates read and fill; enough seed tasks for the

@@ -24,7 +24,7 @@ from dromedary_jax.pipeline.generation import generate_into
 from dromedary_jax.pipeline.records import text_digest, write_jsonl_atomic
 from dromedary_jax.pipeline.reports.funnel import funnel_steps, write_funnel
 from dromedary_jax.pipeline.resources import Resources, load_run_model, model_generator, model_kind
-from dromedary_jax.pipeline.stage import StageContext, StageResult
+from dromedary_jax.pipeline.stage import DefaultStage, StageContext, StageResult
 from dromedary_jax.sampling.settings import SamplingSettings
 
 STAGE = "verbose_clone"
@@ -125,14 +125,10 @@ def meta_prompts(config) -> tuple[D.Assistant, str, str]:
             meta_template(v.distill_template, "verbose_clone.distill_template", assistant))
 
 
-class VerboseClone:
+class VerboseClone(DefaultStage):
     """Stage 4 (see the module docstring) as a :class:`~dromedary_jax.pipeline.stage.Stage`."""
 
     name = STAGE
-
-    def default_on(self, config) -> bool:
-        """Always part of a full run."""
-        return True
 
     def requires(self, config) -> tuple[str, ...]:
         """It samples from the engraved model (and re-asks stage 2's kept questions)."""
