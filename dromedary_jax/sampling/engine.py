@@ -142,21 +142,6 @@ def _sample_rows(state, logits, knobs, spec: LoopSpec):
                 n_valid=state["n_valid"] + (~done & ~is_eos).astype(jnp.int32))
 
 
-def _layer_weights(params, c, prefix, batch: int, unstack: bool):
-    """Per-layer weights for the decode loop (see ``step_forward``; made once per call by
-    :func:`layer_weights`): the
-    fused CPU copies (``unstack``), else only the shared prefix's k/v as [KV, P, hd] (the
-    stacked weights are sliced per layer inside the step)."""
-    if unstack:
-        return unstack_layers(params, c, prefix, batch=batch)
-    layers = [{} for _ in range(c.num_layers)]
-    if prefix is not None:
-        for i, d in enumerate(layers):
-            d["prefix_k"] = jnp.swapaxes(prefix["k"][i, 0], 0, 1)
-            d["prefix_v"] = jnp.swapaxes(prefix["v"][i, 0], 0, 1)
-    return {"layers": layers}
-
-
 def _forward_rows(params, weights, c, tokens, positions, cache, idx, prefix, mesh):
     """One decode step where row ``b`` writes its new k/v at its own cache slot ``idx[b]``.
 
@@ -308,20 +293,29 @@ def refill(params, state, batch, prefix, knobs, *, spec: LoopSpec):
 
 @functools.partial(jax.jit, static_argnames=("spec", "batch"))
 def layer_weights(params, prefix=None, *, spec: LoopSpec, batch: int):
-    """The per-layer weights :func:`decode_chunk` reads (``_layer_weights``), made ONCE per
-    engine call (and slot count class) instead of inside every chunk: on the CPU path a fused
-    copy of the layer weights (see ``step_forward.unstack_layers``), which costs about as much
-    as a few decode steps to make."""
-    return _layer_weights(params, spec.config, prefix, batch, spec.unstack_layers)
+    """The per-layer weights :func:`decode_chunk` reads, made ONCE per engine call (and slot
+    count class) instead of inside every chunk: on the CPU path (``spec.unstack_layers``) the
+    fused copies of ``step_forward.unstack_layers``, which cost about as much as a few decode
+    steps to make; else only the shared prefix's k/v per layer as [KV, P, hd] (the stacked
+    weights are sliced per layer inside the step)."""
+    c = spec.config
+    if spec.unstack_layers:
+        return unstack_layers(params, c, prefix, batch=batch)
+    layers = [{} for _ in range(c.num_layers)]
+    if prefix is not None:
+        for i, d in enumerate(layers):
+            d["prefix_k"] = jnp.swapaxes(prefix["k"][i, 0], 0, 1)
+            d["prefix_v"] = jnp.swapaxes(prefix["v"][i, 0], 0, 1)
+    return {"layers": layers}
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
 def decode_chunk(params, weights, state, knobs, steps, min_free, every_group, group, prefix=None,
                  *, spec: LoopSpec):
     """Decode every slot for at most ``steps`` steps (``weights``: :func:`layer_weights`); stop
-    early once every row is done or, for
-    some process ``p`` (``every_group``: for every process), ``min_free[p]`` of its rows are (a
-    process with no prompt waiting passes more than its slot count).
+    early once every row is done or, for some process ``p`` (``every_group``: for every
+    process), ``min_free[p]`` of its rows are (a process with no prompt waiting passes more
+    than its slot count).
 
     ``steps``: a dynamic int32 scalar (one compiled program for any chunk); ``min_free``: int32
     [processes], the same on every process; ``every_group``: a bool scalar (the tail: stop once
