@@ -73,6 +73,8 @@ def main():
     import numpy as np
 
     import dromedary_jax as dj
+    from dromedary_jax.model.attention import attend_cached
+    from dromedary_jax.sampling.logits_processing import greedy_tokens
     from dromedary_jax.sampling.step_forward import unstack_layers
 
     model = dj.load_model(args.gguf)
@@ -116,32 +118,29 @@ def main():
         print(f"{engine:>10} decode step: {step * 1e3:.1f} ms = {step / roof:.1f}x roofline "
               f"({B / step:.0f} tok/s); compile of its programs {comp:.1f} s")
 
-    # the parts alone, at the step's shapes
-    x = jnp.ones((B, 1, D), jnp.float32)
-    w = unstack_layers(model.params, c, batch=B)
-    proj = jax.jit(lambda x, w: jnp.einsum("btd,vd->btv", x, w))
-    t_proj = best_of(lambda: proj(x, w["unembed_vd"]).block_until_ready())
+    # the parts alone, at the step's shapes and in the decode step's own forms (feature-major
+    # activations against the transposed weights of unstack_layers; keys-transposed attention)
+    x = jnp.ones((D, B), jnp.float32)
+    w = unstack_layers(model.params, c)
+    proj = jax.jit(lambda w, x: jnp.dot(w, x))
+    t_proj = best_of(lambda: proj(w["unembed_vd"], x).block_until_ready())
 
     def layers(x, ws):
         for p in ws:
-            h = x.reshape(B, D) @ p["wqkv"]
-            o = h[:, :H * hd] @ p["wo"]
-            gu = (x.reshape(B, D) + o) @ p["w_gate_up"]
-            x = x + (jax.nn.silu(gu[:, :F]) * gu[:, F:] @ p["w_down"]).reshape(B, 1, D)
+            h = p["wqkv_t"] @ x
+            o = p["wo_t"] @ h[:H * hd]
+            gu = p["w_gate_up_t"] @ (x + o)
+            x = x + p["w_down_t"] @ (jax.nn.silu(gu[:F]) * gu[F:])
         return x
     lay = jax.jit(layers)
     t_lay = best_of(lambda: lay(x, w["layers"]).block_until_ready())
     q = jnp.ones((B, 1, H, hd), jnp.float32)
-    kc = jnp.ones((B, KV, ctx, hd), jnp.float32)
-
-    def attn(q, k, v):
-        qg = q.reshape(B, KV, H // KV, hd)
-        s = jnp.einsum("bkgd,bksd->bkgs", qg, k) / np.sqrt(hd)
-        return jnp.einsum("bkgs,bksd->bkgd", jax.nn.softmax(s, -1), v)
-    att = jax.jit(attn)
-    t_att = L * best_of(lambda: att(q, kc, kc).block_until_ready())
+    kc, vc = jnp.ones((B, KV, hd, ctx), jnp.float32), jnp.ones((B, KV, ctx, hd), jnp.float32)
+    mask = jnp.ones((B, 1, ctx), bool)
+    att = jax.jit(lambda q, k, v, m: attend_cached(q, k, v, m, layout="keys_transposed"))
+    t_att = L * best_of(lambda: att(q, kc, vc, mask).block_until_ready())
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(B, V)), jnp.float32)
-    smp = jax.jit(lambda l: jnp.argmax(l, -1) if args.top_p >= 1 else jnp.sort(l, -1)[:, -1])
+    smp = jax.jit(greedy_tokens if args.top_p >= 1 else lambda l: jnp.sort(l, -1)[:, -1])
     t_smp = best_of(lambda: smp(logits).block_until_ready())
     print(f"parts alone: output projection {t_proj * 1e3:.1f} ms (roofline "
           f"{2 * B * V * D / peak * 1e3:.1f}), layer matmuls {t_lay * 1e3:.1f} ms (roofline "

@@ -250,17 +250,17 @@ def plan_decode(model_config, mesh, *, batch: int, prefix_len: int, prompt_len: 
                 max_new_tokens: int, top_p: float = 0.95, exact_flops: bool = True) -> StepPlan:
     """Compile the sampler's real ``decode`` (``sampling.decode_loop``) for abstract inputs: a
     shared-prefix cache of ``prefix_len`` tokens (batch 1) plus per-row caches of
-    ``bucket(prompt_len) + bucket(max_new_tokens)`` slots, as ``generate_text`` builds them."""
+    ``bucket(prompt_len) + gen_slots(max_new_tokens)`` slots, as ``generate_text`` builds them."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from dromedary_jax import sharding as shd
     from dromedary_jax.model.llama import CACHE_AXES, cache_shardings
-    from dromedary_jax.sampling.buckets import bucket
+    from dromedary_jax.sampling.buckets import bucket, gen_slots
     from dromedary_jax.sampling.decode_loop import LoopSpec, decode
 
-    T, G, Pb = bucket(prompt_len), bucket(max_new_tokens), bucket(prefix_len)
+    T, G, Pb = bucket(prompt_len), gen_slots(max_new_tokens), bucket(prefix_len)
     B = batch
 
     def sds(shape, dtype, axes):
@@ -293,7 +293,8 @@ def plan_decode(model_config, mesh, *, batch: int, prefix_len: int, prompt_len: 
                  "max_new": sds((), jnp.int32, ())}
         spec = LoopSpec(config=c, mesh=mesh, greedy=False, top_k=0, use_top_p=top_p < 1.0,
                         ngram_ns=(), eos_ids=(int(c.eos_token_id),))
-        compiled = decode.lower(params, state, knobs, np.int32(0), prefix, spec=spec).compile()
+        compiled = decode.lower(params, None, state, knobs, np.int32(0), prefix,
+                                spec=spec).compile()
         return (compiled, params, state, prefix) if with_pieces else compiled
 
     t0 = time.perf_counter()

@@ -77,8 +77,10 @@ def test_kv_estimate_matches_the_sampler_cache_arrays():
     c = preset("tiny", dtype="bfloat16")
     mesh_d = {"data": 2, "fsdp": 2, "tensor": 2}
     mesh = shd.make_mesh((2, 2, 2))
-    est = dry_run.kv_cache_estimate(c, mesh_d, batch=6, prefix_len=100, suffix_len=20, max_new_tokens=30)
-    B, Pb, T, G = 8, bucket(100), bucket(20), bucket(30)  # batch rounded up to data x fsdp
+    est = dry_run.kv_cache_estimate(c, mesh_d, batch=6, prefix_len=100, suffix_len=20,
+                                    max_new_tokens=40)
+    # batch rounded up to data x fsdp; 40 new tokens take 48 slots (a multiple of 16)
+    B, Pb, T, G = 8, bucket(100), bucket(20), 48
     total = per_device = 0
     # the shapes decode_loop.prefill (per row) and prefix_cache.prefill_prefix_arrays (once) build
     for b, s in ((1, Pb), (B, T + G)):

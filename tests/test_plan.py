@@ -56,11 +56,10 @@ def test_parameter_and_optimizer_bytes_are_total_over_shards(plans):
 
 def test_kv_cache_bytes(plans):
     from dromedary_jax.model.config import preset
-    from dromedary_jax.sampling.buckets import bucket
 
     c = preset("tiny")
     d = plans["decode"]
-    slots = bucket(64) + bucket(12)  # prompt bucket + generation bucket (smoke: 12 new tokens)
+    slots = 64 + 16  # prompt bucket + generated-token slots (smoke: 12 new tokens -> 16)
     rows = 8  # config.model.batch_size
     # k and v in bf16, batch over fsdp (4), kv heads over tensor (2); pos/seg int32 over fsdp
     kv = 2 * c.num_layers * rows * slots * c.num_kv_heads * c.head_dim * 2 // 8

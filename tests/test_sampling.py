@@ -11,8 +11,8 @@ import dromedary_jax as dj
 from dromedary_jax.errors import UserError
 from dromedary_jax.sampling import PrefixCache, make_batch, prefill_prefix
 from dromedary_jax.sampling.api import loop_inputs, run_batches
-from dromedary_jax.sampling.buckets import bucket
-from dromedary_jax.sampling.decode_loop import decode, prefill
+from dromedary_jax.sampling.buckets import bucket, gen_slots
+from dromedary_jax.sampling.decode_loop import decode, layer_weights, prefill
 from dromedary_jax.sampling.logits_processing import ngram_completion_mask
 from dromedary_jax.sampling.settings import SamplingSettings
 from dromedary_jax.sampling.stop_strings import truncate_at_stop
@@ -46,6 +46,8 @@ def hf_gqa():
 
 def test_buckets():
     assert [bucket(n) for n in (1, 16, 17, 100, 512, 513, 1500)] == [16, 16, 32, 128, 512, 768, 1536]
+    # generated-token slots: max_new_tokens rounded up to 16, not to a power of two
+    assert [gen_slots(n) for n in (1, 16, 17, 65, 256, 300)] == [16, 16, 32, 80, 256, 304]
 
 
 @pytest.mark.parametrize("with_prefix", [False, True])
@@ -63,10 +65,11 @@ def test_cached_decoding_equals_full_forward(model, with_prefix, unstack):
                       prefix_len=plen)
     state = prefill(model.params, host, None if prefix is None else prefix.arrays(), knobs,
                     spec=spec, gen_len=bucket(steps))
+    weights = layer_weights(model.params, None if prefix is None else prefix.arrays(), spec=spec)
     got = []
     for t in range(steps):
         if t:
-            state, _ = decode(model.params, state, knobs, np.int32(t + 1),
+            state, _ = decode(model.params, weights, state, knobs, np.int32(t + 1),
                               None if prefix is None else prefix.arrays(), spec=spec)
         assert int(state["t"]) == t + 1
         got.append(np.asarray(state["logits"]))

@@ -97,27 +97,41 @@ def attend(q, k, v, mask) -> jax.Array:
     return o.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
-def attend_cached(q, k, v, mask, pk=None, pv=None, pmask=None, *, kv_major: bool = False
+CACHE_LAYOUTS = ("bskd", "keys_transposed")
+
+
+def attend_cached(q, k, v, mask, pk=None, pv=None, pmask=None, *, layout: str = "bskd"
                   ) -> jax.Array:
     """Sampling attention (no custom gradient) over the rows' own keys and, optionally, a shared
     prefix that every row attends (ONE copy for the batch), with one softmax over all keys.
 
-    q [B,T,H,hd]; the rows' k/v [B,S,KV,hd] (``kv_major``: [B,KV,S,hd], the CPU decode path's
-    cache layout) with mask [B,T,S]; the prefix pk/pv [P,KV,hd] (``kv_major``: [KV,P,hd]) with
-    pmask [B,T,P]. Returns [B,T,H,hd] in v's dtype.
+    q [B,T,H,hd]; the rows' k/v with mask [B,T,S], in one of ``CACHE_LAYOUTS``:
+
+    * ``"bskd"`` (the model's cache): k/v [B,S,KV,hd]; the prefix pk/pv [P,KV,hd];
+    * ``"keys_transposed"`` (the CPU decode paths' cache): k [B,KV,hd,S], v [B,KV,S,hd]; the
+      prefix [KV,P,hd]. Both dots are then plain ``[G*T, hd] x [hd, S]`` / ``[G*T, S] x [S, hd]``
+      matmuls per (row, kv head): XLA:CPU runs the score dot about 2x faster than against
+      [S, hd] keys (which it reads transposed).
+
+    pmask [B,T,P] masks the prefix. Returns [B,T,H,hd] in v's dtype. ValueError for another
+    layout.
 
     Every dot is a plain batched matmul (batch dims, ONE free dim per side, one contracting
     dim), as in :func:`attend`: the G query heads of a key/value head are stacked along the
     rows (``[B, KV, G*T, hd]``; for the prefix, which has no batch axis, ``[KV, B*G*T, hd]``).
     XLA:CPU has no bf16 x bf16 -> f32 kernel for dots with two free dims on one side, which is
     what grouped-query attention at batch >= 2 gave in the ``btkgd`` form."""
+    if layout not in CACHE_LAYOUTS:
+        raise ValueError(f"layout must be one of {CACHE_LAYOUTS}, got {layout!r}")
     B, T, H, hd = q.shape
+    kv_major = layout == "keys_transposed"
     KV = k.shape[1] if kv_major else k.shape[2]
     G = H // KV
     rows = "bksd" if kv_major else "bskd"
+    keys = "bkds" if kv_major else rows
     q = q * jnp.asarray(1.0 / np.sqrt(hd), q.dtype)
     qh = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
-    s = jnp.einsum(f"bkqd,{rows}->bkqs", qh, k, preferred_element_type=F32)
+    s = jnp.einsum(f"bkqd,{keys}->bkqs", qh, k, preferred_element_type=F32)
     s = jnp.where(mask[:, None, None], s.reshape(B, KV, G, T, -1), NEG_INF)
     P = 0
     if pk is not None:

@@ -178,16 +178,16 @@ def kv_cache_estimate(c: ModelConfig, mesh: dict | None, *, batch: int, prefix_l
                       suffix_len: int, max_new_tokens: int) -> dict:
     """Bytes of the sampler's caches (``sampling.decode_loop.prefill``, ``prefix_cache``): the
     shared prefix ONCE ([L, 1, bucket(P), KV, hd]) plus per-row caches of bucket(suffix) +
-    bucket(max_new_tokens) slots, k/v in the compute dtype, pos/seg int32; ``per_device`` divides
+    gen_slots(max_new_tokens) slots, k/v in the compute dtype, pos/seg int32; ``per_device`` divides
     each array over the mesh axes that shard it (``model.llama.CACHE_AXES``)."""
     import jax.numpy as jnp
 
     from dromedary_jax.model.llama import CACHE_AXES
-    from dromedary_jax.sampling.buckets import bucket, round_up
+    from dromedary_jax.sampling.buckets import bucket, gen_slots, round_up
 
     rows = (mesh["data"] * mesh["fsdp"]) if mesh else 1
     B = round_up(max(int(batch), 1), rows)
-    Pb, T, G = bucket(prefix_len), bucket(suffix_len), bucket(max_new_tokens)
+    Pb, T, G = bucket(prefix_len), bucket(suffix_len), gen_slots(max_new_tokens)
     kv_item = jnp.dtype(c.dtype).itemsize
     total = per_device = 0
     for b, s in ((1, Pb), (B, T + G)):

@@ -30,12 +30,11 @@ import math
 import warnings
 from typing import Callable, Mapping
 
-import jax
 import numpy as np
 
 from dromedary_jax.errors import UserError
 from dromedary_jax.model.llama import LAYER_KEYS
-from dromedary_jax.sampling.buckets import bucket, round_up
+from dromedary_jax.sampling.buckets import bucket, gen_slots, round_up
 from dromedary_jax.sampling.checks import (
     check_length,
     check_max_new_tokens,
@@ -48,7 +47,7 @@ from dromedary_jax.sampling.checks import (
     int_arg,
     logit_bias_vector,
 )
-from dromedary_jax.sampling.decode_loop import LoopSpec, decode, prefill
+from dromedary_jax.sampling.decode_loop import LoopSpec, decode, layer_weights, prefill
 from dromedary_jax.sampling.engine import check_engine, run_engine
 from dromedary_jax.sampling.host import (
     batch_rows_per_process,
@@ -153,7 +152,7 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     p_len = 0 if prefix is None else prefix.length
     n_all = global_max(n)
     B = round_up(min(batch_size, max(n_all, 1)), batch_rows_per_process(model.mesh))
-    G = bucket(max_new)
+    G = gen_slots(max_new)
     longest = max((len(p) for p in prompts), default=1)
     if p_len + longest + max_new > model.config.max_seq_len:
         warnings.warn(f"prompt ({p_len + longest} tokens) + max_new_tokens ({max_new}) exceeds the "
@@ -162,6 +161,9 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     results: list[list[int]] = [[] for _ in range(n)]
     params = model.params
     prefix_arrays = None if prefix is None else prefix.arrays()
+    # the CPU path's fused per-layer weights, made once per call (not in every decode chunk)
+    weights = (layer_weights(params, prefix_arrays, spec=spec) if spec.unstack_layers and n_all
+               else None)
     chunk = stop_check_every if is_stopped is not None else G
     n_batches = math.ceil(n_all / B) if n_all else 0
     bar, own_bar = (None, False) if compile_only else progress_bar(progress, n, n_batches)
@@ -177,13 +179,13 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
         if compile_only:
             if T not in compiled:
                 compiled.add(T)
-                _compile(params, host, prefix_arrays, knobs, spec, G)
+                _compile(params, weights, host, prefix_arrays, knobs, spec, G)
             continue
         state = prefill(params, host, prefix_arrays, knobs, spec=spec, gen_len=G)
         t, last_nv = 1, np.zeros(B, np.int32)
         while True:
-            state, all_done = decode(params, state, knobs, np.int32(t + chunk), prefix_arrays,
-                                     spec=spec)
+            state, all_done = decode(params, weights, state, knobs, np.int32(t + chunk),
+                                     prefix_arrays, spec=spec)
             t = int(state["t"])
             if bool(all_done) or t >= max_new:
                 break
@@ -212,12 +214,12 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     return [] if compile_only else results
 
 
-def _compile(params, batch, prefix_arrays, knobs, spec: LoopSpec, gen_len: int) -> None:
+def _compile(params, weights, batch, prefix_arrays, knobs, spec: LoopSpec, gen_len: int) -> None:
     """Compile prefill and decode for these shapes (fills jit's cache). The prefill runs (on
     the pad rows of ``batch``), so decode is compiled for the state exactly as a run places it
     (jit compiles again for an argument whose placement differs)."""
     state = prefill(params, batch, prefix_arrays, knobs, spec=spec, gen_len=gen_len)
-    decode.lower(params, state, knobs, np.int32(1), prefix_arrays, spec=spec).compile()
+    decode.lower(params, weights, state, knobs, np.int32(1), prefix_arrays, spec=spec).compile()
 
 
 def _check_prefix_arg(shared_prefix):

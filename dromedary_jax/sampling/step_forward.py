@@ -1,18 +1,30 @@
-"""The sampler's CPU decode path: one decoder pass over per-layer (unstacked) weights.
+"""The sampler's CPU decode path: one single-token decoder pass over per-layer (unstacked),
+transposed weights with feature-major activations.
 
 The sampler's prefill, and its decode on TPU/GPU, run ``llama.forward`` itself with a per-row KV
 cache (and, for a shared prefix, its ``prefix`` argument: ONE copy of the prefix keys that every
 row attends). On CPU, XLA copies each layer's weights out of the stacked ``[L, ...]`` arrays at
-every step of a scanned decode loop, and attention over a ``[B, S, KV, hd]`` cache transposes it
-first. ``decode`` on CPU therefore slices the layer weights ONCE per call (:func:`unstack_layers`,
-fusing q/k/v and gate/up into single matmuls while it copies anyway) and keeps each layer's cache
-as ``[B, KV, S, hd]`` inside its loop (:func:`split_cache` / :func:`merge_cache`). That holds a
-second copy of the layer weights during decoding, so it is used on CPU only (~1.4x faster at
-batch 1 on the 50M benchmark model).
+every step of a scanned decode loop, and the decode step's small matmuls run well below the
+machine's peak. The CPU decode therefore:
 
-Same masking rule and building blocks as the model (``rms_norm``, ``matmul``, RoPE, ``unembed``);
-no LoRA/dropout (sampling runs on merged weights). Tests check it against ``llama.forward`` and
-transformers.
+* slices the layer weights ONCE per call (:func:`unstack_layers`), fusing q/k/v and gate/up into
+  single matmuls and transposing them while it copies anyway (a second copy of the layer weights
+  is held during decoding, which is why it is CPU-only);
+* keeps the residual stream feature-major, x_t [D, B], so each projection is ``w_t [N, K] @
+  x_t [K, B]`` (:func:`decode_layers`): XLA:CPU runs that ~1.25x faster than ``x @ w`` at
+  decode batch sizes, and the output projection reads the [V, D] embedding as it is;
+* keeps each layer's cache as k [B, KV, hd, S], v [B, KV, S, hd] (:func:`split_cache` /
+  :func:`merge_cache`; ``attend_cached``'s ``"keys_transposed"`` layout), so both attention dots
+  are plain matmuls (the score dot ~2x faster than against [S, hd] keys).
+
+On SmolLM2-135M at batch 32 these took the decode step from 2.7x to 1.7x its FLOP roofline
+(``benchmarks/decode_roofline.py``). The static sampler (:func:`forward_unstacked`) and the
+continuous engine (``engine._forward_rows``) run the same :func:`decode_layers`; they differ only
+in where each row's new k/v is written.
+
+Same masking rule, building blocks and float32 points as the model (RMSNorm, RoPE, SiLU-gated
+MLP, float32-accumulated matmuls); no LoRA/dropout (sampling runs on merged weights). Tests
+check it against ``llama.forward`` and transformers.
 """
 from __future__ import annotations
 
@@ -22,120 +34,151 @@ import jax.numpy as jnp
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.attention import attend_cached
-from dromedary_jax.model.llama import (cache_step_mask, embed_tokens, matmul, prefix_mask,
-                                       rms_norm, unembed)
-from dromedary_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
+from dromedary_jax.model.llama import cache_step_mask, embed_tokens, prefix_mask
+from dromedary_jax.model.rope import inverse_frequencies, rope_tables
 
 
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w [K, N] -> [..., N] (float32 accumulation, like ``llama.matmul``)."""
-    return matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
-
-
-# From this many rows on, the decode step's output projection reads a [V, D] (vocab-major) copy
-# of lm_head: XLA:CPU runs [B, D] x [V, D]^T ~1.5x faster than [B, D] x [D, V] at batch 8-32
-# (slightly slower at batch 1).
-VOCAB_MAJOR_MIN_BATCH = 4
-
-
-def unstack_layers(params, config: ModelConfig, prefix=None, batch: int = 1) -> dict:
-    """The layer weights of the CPU decode path, made once inside the jit'ed decode before its
-    loop: ``{"layers": [per-layer dict]}``. Since this copies anyway, the projections become 2-D
-    matrices with q/k/v and gate/up fused (fewer, larger matmuls per step): ``wqkv``
-    [D, (H+2KV)*hd], ``wo`` [H*hd, D], ``w_gate_up`` [D, 2F], ``w_down`` [F, D]. With ``prefix``,
-    each layer dict also holds its shared-prefix k/v as ``prefix_k``/``prefix_v`` [KV, P, hd].
-    From ``VOCAB_MAJOR_MIN_BATCH`` rows on, ``unembed_vd`` is the output projection as [V, D]
-    (the embedding itself when tied)."""
+def unstack_layers(params, config: ModelConfig, prefix=None) -> dict:
+    """The weights of the CPU decode path, made once per call (inside a jit, before the decode
+    loop): ``{"layers": [per-layer dict], "unembed_vd": [V, D]}``. Since this copies anyway, the
+    projections become 2-D matrices TRANSPOSED for :func:`decode_layers`' feature-major
+    activations, with q/k/v and gate/up fused (fewer, larger matmuls per step): ``wqkv_t``
+    [(H+2KV)*hd, D], ``wo_t`` [D, H*hd], ``w_gate_up_t`` [2F, D], ``w_down_t`` [D, F]. With
+    ``prefix``, each layer dict also holds its shared-prefix k/v as ``prefix_k``/``prefix_v``
+    [KV, P, hd]. ``unembed_vd`` is the output projection as [V, D] (the embedding itself when
+    tied)."""
     c = config
     D = c.hidden_size
     layers = []
     for i in range(c.num_layers):
         qkv = jnp.concatenate([params["wq"][i], params["wk"][i], params["wv"][i]], axis=1)
         d = {"attn_norm": params["attn_norm"][i], "mlp_norm": params["mlp_norm"][i],
-             "wqkv": qkv.reshape(D, -1), "wo": params["wo"][i].reshape(-1, D),
-             "w_gate_up": jnp.concatenate([params["w_gate"][i], params["w_up"][i]], axis=1),
-             "w_down": params["w_down"][i]}
+             "wqkv_t": qkv.reshape(D, -1).T, "wo_t": params["wo"][i].reshape(-1, D).T,
+             "w_gate_up_t": jnp.concatenate([params["w_gate"][i], params["w_up"][i]], axis=1).T,
+             "w_down_t": params["w_down"][i].T}
         if prefix is not None:  # [1, P, KV, hd] -> [KV, P, hd]
             d["prefix_k"] = jnp.swapaxes(prefix["k"][i, 0], 0, 1)
             d["prefix_v"] = jnp.swapaxes(prefix["v"][i, 0], 0, 1)
         layers.append(d)
-    out = {"layers": layers}
-    if batch >= VOCAB_MAJOR_MIN_BATCH:
-        out["unembed_vd"] = params["embed"] if c.tie_embeddings else params["lm_head"].T
+    out = {"layers": layers,
+           "unembed_vd": params["embed"] if c.tie_embeddings else params["lm_head"].T}
     return jax.lax.optimization_barrier(out)  # keep the copies out of the loop
 
 
 # ----------------------------------------------------------------------------- CPU decode path
 def split_cache(cache, config: ModelConfig):
-    """[L, B, S, KV, hd] cache -> per-layer (k, v) in [B, KV, S, hd] (attention needs no
-    transpose in that layout), plus pos/seg."""
-    layers = [(jnp.swapaxes(cache["k"][i], 1, 2), jnp.swapaxes(cache["v"][i], 1, 2))
+    """[L, B, S, KV, hd] cache -> per-layer (k [B, KV, hd, S], v [B, KV, S, hd]) (the
+    ``"keys_transposed"`` layout of ``attention.attend_cached``: both attention dots are plain
+    matmuls), plus pos/seg."""
+    layers = [(jnp.transpose(cache["k"][i], (0, 2, 3, 1)), jnp.swapaxes(cache["v"][i], 1, 2))
               for i in range(config.num_layers)]
     return {"layers": layers, "pos": cache["pos"], "seg": cache["seg"]}
 
 
 def merge_cache(cache):
     """Inverse of :func:`split_cache`."""
-    return {"k": jnp.stack([jnp.swapaxes(k, 1, 2) for k, _ in cache["layers"]]),
+    return {"k": jnp.stack([jnp.transpose(k, (0, 3, 1, 2)) for k, _ in cache["layers"]]),
             "v": jnp.stack([jnp.swapaxes(v, 1, 2) for _, v in cache["layers"]]),
             "pos": cache["pos"], "seg": cache["seg"]}
 
 
-def forward_unstacked(params, weights, config: ModelConfig, tokens, *, positions, segment_ids,
-                      cache, cache_index, prefix=None, mesh=None):
-    """One decoder pass over :func:`unstack_layers` ``weights`` (``params`` gives the embedding,
-    final norm and lm_head) and a :func:`split_cache` cache (written at ``cache_index``), attending
-    ``prefix`` (pos/seg [1, P]; its k/v are in ``weights``) when given. Returns (logits float32
-    [B, T, V], new split cache)."""
+def _dot_t(w_t: jax.Array, x_t: jax.Array) -> jax.Array:
+    """w_t [N, K] @ x_t [K, B] -> [N, B] in x_t's dtype, float32 accumulation (like
+    ``llama.matmul``)."""
+    return jnp.dot(w_t.astype(x_t.dtype), x_t, preferred_element_type=jnp.float32
+                   ).astype(x_t.dtype)
+
+
+def _rms_norm_t(x_t: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """``llama.rms_norm`` of feature-major x_t [D, B] (normalised over D)."""
+    xf = x_t.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=0, keepdims=True)
+    return (xf * jax.lax.rsqrt(var + eps) * w.astype(jnp.float32)[:, None]).astype(x_t.dtype)
+
+
+def _rope_t(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``rope.apply_rope`` of heads-major x [N, hd, B] with cos/sin [hd, B]; float32 math,
+    returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[1] // 2
+    rotated = jnp.concatenate([-xf[:, half:], xf[:, :half]], axis=1)
+    return (xf * cos[None] + rotated * sin[None]).astype(x.dtype)
+
+
+def decode_layers(params, weights, config: ModelConfig, tokens, positions, layers, write_kv,
+                  mask, pmask=None, mesh=None):
+    """One single-token decoder pass of the CPU decode path, with FEATURE-MAJOR activations.
+
+    The residual stream is x_t [D, B] and every projection is ``w_t [N, K] @ x_t [K, B]``
+    (:func:`unstack_layers`' transposed weights): at decode batch sizes XLA:CPU runs that form
+    ~1.25x faster than ``x [B, K] @ w [K, N]`` (the large weight is the left operand), and the
+    output projection reads the [V, D] embedding as it is. Attention itself runs row-major
+    (``attend_cached``, ``"keys_transposed"`` cache layout); only q/k/v and its output are
+    transposed, [B, H*hd] at a time.
+
+    tokens/positions int32 [B, 1]; ``layers``: per layer (k [B, KV, hd, S], v [B, KV, S, hd]);
+    ``write_kv(k, v, k_new, v_new)`` -> the layer's (k, v) with this step's k_new/v_new
+    [B, KV, hd] written (the caller's rule: one shared slot, or a slot per row); ``mask``
+    bool [B, 1, S] over the cache after the write, ``pmask`` bool [B, 1, P] over the shared
+    prefix (its k/v in ``weights``). Returns (float32 logits [B, V], new per-layer (k, v)).
+    Same building blocks and float32 points as ``llama.forward`` (RMSNorm, RoPE, SiLU-gated MLP,
+    float32-accumulated matmuls); tests compare the two and transformers."""
     c = config
     dtype = jnp.dtype(c.dtype)
-    B, T = tokens.shape
-    H, KV = c.num_heads, c.num_kv_heads
-    positions = positions.astype(jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
-    x = embed_tokens(params, tokens, dtype, mesh)
-    cos, sin = rope_tables(positions, inverse_frequencies(c))
-    idx, kv_pos, kv_seg, mask = cache_step_mask(positions, segment_ids, cache, cache_index)
-    pmask = None if prefix is None else prefix_mask(positions, segment_ids, prefix)
+    B = tokens.shape[0]
+    H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
+    F = c.intermediate_size
+    x = embed_tokens(params, tokens, dtype, mesh)[:, 0].T  # [D, B]
+    cos, sin = (a[:, 0].T for a in rope_tables(positions, inverse_frequencies(c)))  # [hd, B]
     new_layers = []
-    hd = c.head_dim
-    for p, (ck, cv) in zip(weights["layers"], cache["layers"]):
-        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        qkv = _matmul(h, p["wqkv"]).reshape(B, T, H + 2 * KV, hd)
-        q, k, v = qkv[:, :, :H], qkv[:, :, H:H + KV], qkv[:, :, H + KV:]
-        q = shd.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None), mesh)
-        k = apply_rope(k, cos, sin)
-        ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype),
-                                          (0, 0, idx, 0))
-        cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype),
-                                          (0, 0, idx, 0))
-        ck = shd.constrain(ck, ("batch", "act_kv_heads", None, None), mesh)
-        cv = shd.constrain(cv, ("batch", "act_kv_heads", None, None), mesh)
+    for p, (ck, cv) in zip(weights["layers"], layers):
+        h = _rms_norm_t(x, p["attn_norm"], c.rms_norm_eps)
+        qkv = _dot_t(p["wqkv_t"], h).reshape(H + 2 * KV, hd, B)
+        q = _rope_t(qkv[:H], cos, sin)
+        k = _rope_t(qkv[H:H + KV], cos, sin)
+        ck, cv = write_kv(ck, cv, jnp.transpose(k, (2, 0, 1)).astype(ck.dtype),
+                          jnp.transpose(qkv[H + KV:], (2, 0, 1)).astype(cv.dtype))
         new_layers.append((ck, cv))
+        q = shd.constrain(jnp.transpose(q, (2, 0, 1))[:, None],
+                          ("batch", "length", "act_heads", None), mesh)
         pk, pv = p.get("prefix_k"), p.get("prefix_v")
         o = attend_cached(q, ck.astype(dtype), cv.astype(dtype), mask,
                           None if pk is None else pk.astype(dtype),
-                          None if pv is None else pv.astype(dtype), pmask, kv_major=True)
-        x = x + _matmul(o.reshape(B, T, H * hd), p["wo"])
-        x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
-        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        gu = _matmul(h, p["w_gate_up"])
-        F = c.intermediate_size
-        a = shd.constrain(jax.nn.silu(gu[..., :F]) * gu[..., F:], ("batch", "length", "act_mlp"),
-                          mesh)
-        x = x + _matmul(a, p["w_down"])
-        x = shd.constrain(x, ("batch", "length", "act_embed"), mesh)
-    return final_logits(params, weights, config, x, mesh), {"layers": new_layers, "pos": kv_pos,
-                                                           "seg": kv_seg}
-
-
-def final_logits(params, weights, config, x, mesh=None):
-    """The last layer's output x [B, T, D] -> float32 logits [B, T, V]: the final RMSNorm, then
-    the output projection (``weights["unembed_vd"]``, the [V, D] table of
-    :func:`unstack_layers`, when it is there; else ``llama.unembed``)."""
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    if "unembed_vd" not in weights:
-        return unembed(params, config, x, mesh)
+                          None if pv is None else pv.astype(dtype), pmask,
+                          layout="keys_transposed")
+        x = x + _dot_t(p["wo_t"], o.reshape(B, H * hd).T)
+        x = shd.constrain(x, ("act_embed", "batch"), mesh)
+        h = _rms_norm_t(x, p["mlp_norm"], c.rms_norm_eps)
+        gu = _dot_t(p["w_gate_up_t"], h)
+        a = shd.constrain(jax.nn.silu(gu[:F]) * gu[F:], ("act_mlp", "batch"), mesh)
+        x = x + _dot_t(p["w_down_t"], a)
+        x = shd.constrain(x, ("act_embed", "batch"), mesh)
+    h = _rms_norm_t(x, params["final_norm"], c.rms_norm_eps)
     w = weights["unembed_vd"]
-    logits = jnp.einsum("btd,vd->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return shd.constrain(logits, ("batch", "length", "act_vocab"), mesh)
+    # [V, B], kept in that form (XLA would otherwise fold the transpose into a slower [B, V]
+    # dot): the [V, B] -> [B, V] copy costs a tenth of what it saves
+    logits = jax.lax.optimization_barrier(
+        jnp.dot(w.astype(h.dtype), h, preferred_element_type=jnp.float32)).T
+    return shd.constrain(logits, ("batch", "act_vocab"), mesh), new_layers
+
+
+def forward_unstacked(params, weights, config: ModelConfig, tokens, *, positions, segment_ids,
+                      cache, cache_index, prefix=None, mesh=None):
+    """The static sampler's CPU decode step: :func:`decode_layers` writing every row's k/v at
+    the one slot ``cache_index`` of a :func:`split_cache` cache, attending ``prefix`` (pos/seg
+    [1, P]; its k/v are in ``weights``) when given. tokens/positions/segment_ids [B, 1].
+    Returns (float32 logits [B, 1, V], new split cache)."""
+    positions = positions.astype(jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    idx, kv_pos, kv_seg, mask = cache_step_mask(positions, segment_ids, cache, cache_index)
+    pmask = None if prefix is None else prefix_mask(positions, segment_ids, prefix)
+
+    def write_kv(ck, cv, k, v):  # k/v [B, KV, hd] -> slot idx of every row
+        ck = jax.lax.dynamic_update_slice(ck, k[..., None], (0, 0, 0, idx))
+        cv = jax.lax.dynamic_update_slice(cv, v[:, :, None], (0, 0, idx, 0))
+        return (shd.constrain(ck, ("batch", "act_kv_heads", None, None), mesh),
+                shd.constrain(cv, ("batch", "act_kv_heads", None, None), mesh))
+
+    logits, layers = decode_layers(params, weights, config, tokens, positions, cache["layers"],
+                                   write_kv, mask, pmask, mesh)
+    return logits[:, None], {"layers": layers, "pos": kv_pos, "seg": kv_seg}
