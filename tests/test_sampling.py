@@ -193,6 +193,26 @@ def test_stopped_rows_end_the_loop_early(model):
     assert [len(o) for o in out] == [3] * 4  # 1 prefill step + one chunk of 2, then all done
 
 
+def test_mark_stopped_checks_only_running_rows_with_new_tokens():
+    from dromedary_jax.sampling.stop_strings import mark_stopped
+
+    tokens = np.array([[5, 9, 0], [5, 9, 0], [5, 9, 0], [5, 9, 0], [5, 9, 0]])
+    done = np.array([False, True, False, False, False])
+    n_valid = np.array([2, 2, 2, 1, 2])
+    last = np.array([1, 1, 2, 0, 1])  # row 2 has no new token since the last check
+    asked = []
+
+    def is_stopped(example, toks):
+        asked.append(example)
+        return toks[-1] == 9  # rows 0 and 4 end in 9; row 3 only holds [5]
+
+    examples = np.array([10, 11, 12, 13, 14])
+    hit = mark_stopped(done, n_valid, last, tokens, examples, is_stopped, rows=[0, 1, 2, 3])
+    assert hit and done.tolist() == [True, True, False, False, False]  # row 4 is not in rows
+    assert asked == [10, 13]  # done row 1 and unchanged row 2 are not decoded again
+    assert not mark_stopped(done, n_valid, n_valid, tokens, examples, is_stopped, rows=range(5))
+
+
 def test_shared_prefix_equals_full_prompts(model, sp_tokenizer, model400, llama_sp_tokenizer):
     prefix = [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 50, 51, 52, 53, 54, 55, 56, 57]
     suffixes = [p[1:] for p in PROMPTS] + [[]]

@@ -72,7 +72,8 @@ from dromedary_jax.sampling.settings import (
     normalize_eos_id,
     settings_of,
 )
-from dromedary_jax.sampling.stop_strings import find_stop, stop_trigger_mask, truncate_at_stop
+from dromedary_jax.sampling.stop_strings import (find_stop, mark_stopped, stop_trigger_mask,
+                                                 truncate_at_stop)
 from dromedary_jax.sampling.text import continuation_text, encode_prompts
 
 # ----------------------------------------------------------------------------- loop inputs
@@ -192,11 +193,7 @@ def run_batches(model, prompts: list[list[int]], *, spec: LoopSpec, knobs: dict,
             if is_stopped is not None:
                 toks, nv = local_rows(state["tokens"]), local_rows(state["n_valid"])
                 done = local_rows(state["done"]).copy()
-                hit = False
-                for i in range(len(rows)):
-                    if (not done[i] and nv[i] != last_nv[i]
-                            and is_stopped(idx[i], toks[i, :nv[i]].tolist())):
-                        done[i] = hit = True
+                hit = mark_stopped(done, nv, last_nv, toks, idx, is_stopped, range(len(rows)))
                 last_nv = nv
                 if hit:  # same placement as the state: decode is not compiled again
                     state = dict(state, done=to_device(done, state["done"].sharding))

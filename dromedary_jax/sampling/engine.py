@@ -85,6 +85,7 @@ from dromedary_jax.sampling.host import (
 )
 from dromedary_jax.sampling.logits_processing import apply_penalties, row_keys, sample
 from dromedary_jax.sampling.step_forward import decode_layers
+from dromedary_jax.sampling.stop_strings import mark_stopped
 
 ENGINES = ("static", "continuous")
 REFILL_FRACTION = 4  # a chunk exits once 1/REFILL_FRACTION of the slots are free (prompts waiting)
@@ -529,10 +530,7 @@ def _take_finished(state, slot_ex, last_nv, results, is_stopped, on_finish, bar,
     if is_stopped is not None or (done & live).any():
         toks = local_rows(state["tokens"])
     if is_stopped is not None:
-        hit = False
-        for b in np.flatnonzero(live & ~done):
-            if nv[b] != last_nv[b] and is_stopped(int(slot_ex[b]), toks[b, :nv[b]].tolist()):
-                done[b] = hit = True
+        hit = mark_stopped(done, nv, last_nv, toks, slot_ex, is_stopped, np.flatnonzero(live))
         last_nv[:] = nv
         if hit or jax.process_count() > 1:  # several processes: each uploads its rows
             state = dict(state, done=to_device(done, done_sh))

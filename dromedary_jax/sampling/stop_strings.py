@@ -68,3 +68,18 @@ def stop_trigger_mask(tokenizer, stop: Sequence[str], vocab_size: int) -> np.nda
             continue
         mask[i] = any(ch in text for ch in ends)
     return mask
+
+
+def mark_stopped(done: np.ndarray, n_valid: np.ndarray, last_n_valid: np.ndarray,
+                 tokens: np.ndarray, example_of, is_stopped, rows) -> bool:
+    """The host's check between decode chunks (both engines): every row ``b`` of ``rows`` that
+    is not ``done``, has new tokens (``n_valid[b] != last_n_valid[b]``) and whose tokens so
+    far satisfy ``is_stopped(example_of[b], tokens[b, :n_valid[b]])`` is marked done IN PLACE
+    in ``done`` (bool [B]). ``tokens`` int [B, G]; ``example_of``: the example id of each row.
+    Returns whether any row was marked (then ``done`` must go back to the device)."""
+    hit = False
+    for b in rows:
+        if (not done[b] and n_valid[b] != last_n_valid[b]
+                and is_stopped(int(example_of[b]), tokens[b, :n_valid[b]].tolist())):
+            done[b] = hit = True
+    return hit
