@@ -1,10 +1,11 @@
 """The real-model decode step against its FLOP roofline on this machine (issue 15).
 
-    python benchmarks/decode_roofline.py [--batch 32] [--steps 64] [--profile /tmp/trace]
+    python benchmarks/decode_roofline.py [--batch 32] [--steps 64] [--top-p 0.95] [--profile /tmp/trace]
 
 SmolLM2-135M-Instruct (the GGUF in ``~/.cache/dromedary_jax/smollm2``; skipped with a message
 when absent), ``--batch`` real TruthfulQA questions as "Q: ...\\nA:" prompts (the fetched
-BIG-bench copy; a fixed list of questions when absent), greedy, no stop string, EOS off, so
+BIG-bench copy; a fixed list of questions when absent), greedy (``--top-p`` < 1: sampled at
+temperature 1 with that top-p, as the pipeline's stages sample), no stop string, EOS off, so
 every row decodes every step. Printed:
 
 * this machine's float32 matmul peak (a jit'ed [2048, 2048] x [2048, 4096] ``jnp.dot``, best of 5);
@@ -15,8 +16,8 @@ every row decodes every step. Printed:
   included, plus attention's 4 x rows x layers x heads x head_dim x attended positions) and its
   roofline time at the measured peak; the ratio step / roofline (the issue's target: <= 2x);
 * the parts alone, each jit'ed at the step's shapes: the output projection, the 30 layers'
-  matmuls, attention over the cache, sampling over the vocabulary (top-p sort included when
-  ``--top-p`` < 1), so the gap can be placed;
+  matmuls, attention over the cache, sampling over the vocabulary (the nucleus mask and draw
+  when ``--top-p`` < 1), so the gap can be placed;
 * the compile time of the programs a generation needs (``compile_only``), per engine.
 
 ``--profile DIR`` also writes a ``jax.profiler`` trace of one decode call to DIR (open it with
@@ -74,7 +75,7 @@ def main():
 
     import dromedary_jax as dj
     from dromedary_jax.model.attention import attend_cached
-    from dromedary_jax.sampling.logits_processing import greedy_tokens
+    from dromedary_jax.sampling.logits_processing import sample
     from dromedary_jax.sampling.step_forward import unstack_layers
 
     model = dj.load_model(args.gguf)
@@ -101,7 +102,9 @@ def main():
           f"~{ctx} attended positions; step FLOPs {flops / 1e9:.2f} G -> roofline "
           f"{roof * 1e3:.1f} ms")
 
-    kw = dict(temperature=0.0, top_p=args.top_p, eos_id=-1, batch_size=B, progress=False)
+    # greedy by default; --top-p < 1 samples at temperature 1 with that top-p instead
+    kw = dict(temperature=0.0 if args.top_p >= 1 else 1.0, top_p=args.top_p, eos_id=-1,
+              batch_size=B, progress=False)
     for engine in ("static", "continuous"):
         t0 = time.perf_counter()
         for n in (1, 1 + N):
@@ -140,8 +143,11 @@ def main():
     att = jax.jit(lambda q, k, v, m: attend_cached(q, k, v, m, layout="keys_transposed"))
     t_att = L * best_of(lambda: att(q, kc, vc, mask).block_until_ready())
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(B, V)), jnp.float32)
-    smp = jax.jit(greedy_tokens if args.top_p >= 1 else lambda l: jnp.sort(l, -1)[:, -1])
-    t_smp = best_of(lambda: smp(logits).block_until_ready())
+    keys = jax.random.split(jax.random.key(0), B)
+    smp = jax.jit(lambda l, k: sample(l, k, jnp.float32(1.0), jnp.float32(args.top_p),
+                                      greedy=args.top_p >= 1, top_k=0,
+                                      use_top_p=args.top_p < 1))
+    t_smp = best_of(lambda: smp(logits, keys).block_until_ready())
     print(f"parts alone: output projection {t_proj * 1e3:.1f} ms (roofline "
           f"{2 * B * V * D / peak * 1e3:.1f}), layer matmuls {t_lay * 1e3:.1f} ms (roofline "
           f"{2 * B * L * layer_w / peak * 1e3:.1f}), attention {t_att * 1e3:.1f} ms, sampling "

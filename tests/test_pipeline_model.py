@@ -56,8 +56,11 @@ def test_tiny_model_runs_both_stages(tmp_path, sp_model_path, tiny_generator):
     assert len(read_shards(os.path.join(wd, "self_instruct"), "vanilla")) == 2
     recs = read_shards(os.path.join(wd, "self_align"), "responses")
     assert len(recs) == counts["self_align"]["generated"] == 3
-    assert all(r["raw"] and r["filter"] in (None, "no_answer", "no_thoughts", "empty", "too_short",
-                                            "exemplar_leak", "apology") for r in recs)
+    # a random tiny model may stop at once: an empty raw answer is filtered as "empty"
+    assert all((r["raw"] or r["filter"] == "empty")
+               and r["filter"] in (None, "no_answer", "no_thoughts", "empty", "too_short",
+                                   "exemplar_leak", "apology") for r in recs)
+    assert any(r["raw"] for r in recs)
     # same records with another sampler batch size: randomness is per (seed, id)
     tiny_generator.batch_size = 2
     try:

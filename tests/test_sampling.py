@@ -3,6 +3,7 @@ strings, shared prefix, sharding, logit bias and n-gram penalties."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -145,6 +146,41 @@ def test_same_sample_at_any_batch_size_and_position(model, sp_tokenizer):
     assert len(set(same_prompt)) == 4
     reseeded = dj.generate_text(model, sp_tokenizer, prompts, batch_size=16, **dict(kw, seed=4))
     assert sum(a != b for a, b in zip(reseeded, full)) >= 12
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat to peaked distributions
+def test_nucleus_mask_is_the_sorted_definition(scale):
+    from dromedary_jax.sampling.logits_processing import nucleus_mask
+
+    logits = np.random.RandomState(int(scale * 10)).normal(size=(8, 700)) * scale
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1), np.float64)
+    for top_p in (1e-6, 0.3, 0.9, 0.98):
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        keep_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p < top_p  # mass before < top_p
+        want = np.zeros_like(keep_sorted)
+        np.put_along_axis(want, order, keep_sorted, axis=-1)
+        got = np.asarray(nucleus_mask(jnp.asarray(logits, jnp.float32), jnp.float32(top_p)))
+        assert (got == want).all(), (scale, top_p, got.sum(-1), want.sum(-1))
+    assert np.asarray(nucleus_mask(jnp.asarray(logits, jnp.float32), jnp.float32(1.0))).all()
+
+
+def test_draw_follows_the_kept_distribution():
+    from dromedary_jax.sampling.logits_processing import draw
+
+    logits = jnp.asarray([[0.0, 1.0, 2.0, -1.0, 3.0, 0.5]], jnp.float32)
+    keep = jnp.asarray([[True, True, True, True, False, True]])  # the most likely one is out
+    n = 20000
+    keys = jax.random.split(jax.random.key(0), n)
+    toks = np.asarray(jax.jit(jax.vmap(lambda k: draw(k[None], logits, keep)[0]))(keys))
+    w = np.exp(np.asarray(logits[0], np.float64)) * np.asarray(keep[0])
+    freq = np.bincount(toks, minlength=6) / n
+    assert freq[4] == 0
+    np.testing.assert_allclose(freq, w / w.sum(), atol=0.012)
+    # no mask: every token, including the most likely, in proportion
+    toks = np.asarray(jax.jit(jax.vmap(lambda k: draw(k[None], logits)[0]))(keys))
+    w = np.exp(np.asarray(logits[0], np.float64))
+    np.testing.assert_allclose(np.bincount(toks, minlength=6) / n, w / w.sum(), atol=0.012)
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model):

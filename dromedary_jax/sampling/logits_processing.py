@@ -75,31 +75,65 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
+def nucleus_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """bool [B, V]: the top-p (nucleus) set of each row of logits [B, V] (Holtzman et al. 2019,
+    arXiv 1904.09751): the smallest set of most probable tokens whose softmax probability
+    reaches ``top_p`` (a scalar in (0, 1]), as "sort descending, keep a token while the mass
+    before it is < top_p" defines it, ties at the threshold all kept.
+
+    Found without a sort, which XLA:CPU runs at ~340 ms for 32 x 49k logits: a bisection on the
+    probability threshold over the float32 bit patterns (monotone for p >= 0), 32 passes of a
+    masked sum (~10 ms there), so the threshold is exact to the last float. ``top_p`` >= 1, or
+    a row whose total mass rounds below ``top_p``, keeps every token."""
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    bits = jax.lax.bitcast_convert_type(p, jnp.int32)
+
+    def halve(_, bounds):  # invariant: mass(bits >= lo) >= top_p > mass(bits >= hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(bits >= mid[:, None], p, 0.0), axis=-1) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo = jnp.zeros(p.shape[:1], jnp.int32)
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, jnp.max(bits, axis=-1) + 1))
+    return (bits >= lo[:, None]) | (top_p >= 1.0)
+
+
+def draw(keys: jax.Array, logits: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """int32 [B]: one sample per row from softmax(logits [B, N]) restricted to ``keep`` (bool
+    [B, N]; None: every entry), drawn by inverting the row's CDF at ONE uniform from its key
+    (``keys`` [B]): the first index whose cumulative weight exceeds u x total. Same distribution
+    as ``jax.random.categorical``, which draws a Gumbel per entry (~16 ms for 32 x 49k on a
+    2-core CPU, against ~4 ms for this)."""
+    z = logits.astype(jnp.float32)
+    if keep is not None:
+        z = jnp.where(keep, z, -jnp.inf)
+    w = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(w, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    idx = jnp.sum(cdf <= u[:, None], axis=-1, dtype=jnp.int32)
+    return jnp.minimum(idx, logits.shape[-1] - 1)
+
+
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
            greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:
     """int32 [B] next tokens from logits [B, V] (already biased/penalised).
 
     ``greedy``: argmax. Otherwise logits / temperature, keep the ``top_k`` largest (0 = all),
     then the smallest set of top tokens whose probability reaches ``top_p`` (when
-    ``use_top_p``), and draw from what is left with each row's own key.
+    ``use_top_p``; :func:`nucleus_mask`), and :func:`draw` from what is left with each row's
+    own key.
     """
     if greedy:
         return greedy_tokens(logits)
     V = logits.shape[-1]
     logits = logits / temperature
-    idx = None
     if 0 < top_k < V:
-        vals, idx = jax.lax.top_k(logits, top_k)
-    elif use_top_p:
-        idx = jnp.argsort(-logits, axis=-1)
-        vals = jnp.take_along_axis(logits, idx, axis=-1)
-    else:
-        vals = logits
-    if use_top_p:  # vals are sorted in descending order here
-        probs = jax.nn.softmax(vals, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        vals = jnp.where(before < top_p, vals, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, vals).astype(jnp.int32)
-    if idx is None:
-        return choice
-    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        vals, idx = jax.lax.top_k(logits, top_k)  # sorted in descending order
+        keep = None
+        if use_top_p:
+            probs = jax.nn.softmax(vals, axis=-1)
+            keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+        choice = draw(keys, vals, keep)
+        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return draw(keys, logits, nucleus_mask(logits, top_p) if use_top_p else None)
