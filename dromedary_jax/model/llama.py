@@ -137,11 +137,14 @@ def cache_step_mask(positions: jax.Array, segment_ids: jax.Array, cache, cache_i
     return idx, kv_pos, kv_seg, mask_fn(positions, segment_ids, kv_pos, kv_seg)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, returned in x's dtype."""
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """RMSNorm over ``axis`` (the features; weight ``w`` [D] along it) computed in float32,
+    returned in x's dtype. ``axis=0``: feature-major x [D, B] (the CPU decode step's)."""
     xf = x.astype(jnp.float32)
-    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    return (xf * jax.lax.rsqrt(var + eps) * w.astype(jnp.float32)).astype(x.dtype)
+    var = jnp.mean(xf * xf, axis=axis, keepdims=True)
+    w_shape = [1] * x.ndim
+    w_shape[axis] = -1
+    return (xf * jax.lax.rsqrt(var + eps) * w.astype(jnp.float32).reshape(w_shape)).astype(x.dtype)
 
 
 def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:

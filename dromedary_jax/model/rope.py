@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,10 +49,16 @@ def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def rotate_half(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+    """The rotate-half partner of x along its head dim ``axis``: [-second half, first half]."""
+    half = x.shape[axis] // 2
+    first = jax.lax.slice_in_dim(x, 0, half, axis=axis)
+    second = jax.lax.slice_in_dim(x, half, x.shape[axis], axis=axis)
+    return jnp.concatenate([-second, first], axis=axis)
+
+
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """x [B, T, H, hd]; cos/sin [B, T, hd]. Computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    out = xf * cos[:, :, None, :] + rotate_half(xf) * sin[:, :, None, :]
     return out.astype(x.dtype)

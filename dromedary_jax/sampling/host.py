@@ -50,13 +50,7 @@ def global_max(x: int) -> int:
 def global_maxes(xs) -> list[int]:
     """Element-wise max of a list of host integers over all processes, in ONE collective
     (each process passes a list of the same length)."""
-    xs = [int(x) for x in xs]
-    if jax.process_count() == 1:
-        return xs
-    from jax.experimental import multihost_utils
-
-    got = multihost_utils.process_allgather(np.asarray(xs, np.int64))  # [processes, len]
-    return [int(v) for v in np.max(got.reshape(jax.process_count(), len(xs)), axis=0)]
+    return [int(v) for v in all_values(xs).max(axis=0)]
 
 
 def all_values(xs) -> np.ndarray:

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from dromedary_jax import sharding as shd
 from dromedary_jax.model.config import ModelConfig
 from dromedary_jax.model.attention import attend_cached
-from dromedary_jax.model.llama import cache_step_mask, embed_tokens, prefix_mask
-from dromedary_jax.model.rope import inverse_frequencies, rope_tables
+from dromedary_jax.model.llama import cache_step_mask, embed_tokens, prefix_mask, rms_norm
+from dromedary_jax.model.rope import inverse_frequencies, rope_tables, rotate_half
 
 
 def unstack_layers(params, config: ModelConfig, prefix=None) -> dict:
@@ -89,20 +89,11 @@ def _dot_t(w_t: jax.Array, x_t: jax.Array) -> jax.Array:
                    ).astype(x_t.dtype)
 
 
-def _rms_norm_t(x_t: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """``llama.rms_norm`` of feature-major x_t [D, B] (normalised over D)."""
-    xf = x_t.astype(jnp.float32)
-    var = jnp.mean(xf * xf, axis=0, keepdims=True)
-    return (xf * jax.lax.rsqrt(var + eps) * w.astype(jnp.float32)[:, None]).astype(x_t.dtype)
-
-
 def _rope_t(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """``rope.apply_rope`` of heads-major x [N, hd, B] with cos/sin [hd, B]; float32 math,
     returned in x's dtype."""
     xf = x.astype(jnp.float32)
-    half = x.shape[1] // 2
-    rotated = jnp.concatenate([-xf[:, half:], xf[:, :half]], axis=1)
-    return (xf * cos[None] + rotated * sin[None]).astype(x.dtype)
+    return (xf * cos[None] + rotate_half(xf, axis=1) * sin[None]).astype(x.dtype)
 
 
 def decode_layers(params, weights, config: ModelConfig, tokens, positions, layers, write_kv,
@@ -132,7 +123,7 @@ def decode_layers(params, weights, config: ModelConfig, tokens, positions, layer
     cos, sin = (a[:, 0].T for a in rope_tables(positions, inverse_frequencies(c)))  # [hd, B]
     new_layers = []
     for p, (ck, cv) in zip(weights["layers"], layers):
-        h = _rms_norm_t(x, p["attn_norm"], c.rms_norm_eps)
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps, axis=0)
         qkv = _dot_t(p["wqkv_t"], h).reshape(H + 2 * KV, hd, B)
         q = _rope_t(qkv[:H], cos, sin)
         k = _rope_t(qkv[H:H + KV], cos, sin)
@@ -148,12 +139,12 @@ def decode_layers(params, weights, config: ModelConfig, tokens, positions, layer
                           layout="keys_transposed")
         x = x + _dot_t(p["wo_t"], o.reshape(B, H * hd).T)
         x = shd.constrain(x, ("act_embed", "batch"), mesh)
-        h = _rms_norm_t(x, p["mlp_norm"], c.rms_norm_eps)
+        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps, axis=0)
         gu = _dot_t(p["w_gate_up_t"], h)
         a = shd.constrain(jax.nn.silu(gu[:F]) * gu[F:], ("act_mlp", "batch"), mesh)
         x = x + _dot_t(p["w_down_t"], a)
         x = shd.constrain(x, ("act_embed", "batch"), mesh)
-    h = _rms_norm_t(x, params["final_norm"], c.rms_norm_eps)
+    h = rms_norm(x, params["final_norm"], c.rms_norm_eps, axis=0)
     w = weights["unembed_vd"]
     # [V, B], kept in that form (XLA would otherwise fold the transpose into a slower [B, V]
     # dot): the [V, B] -> [B, V] copy costs a tenth of what it saves
